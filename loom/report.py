@@ -1,0 +1,74 @@
+"""`loom simulate`'s report: the memory model and the step-time simulation of one plan in one JSON object."""
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from loom.format import duration, gib, human_count
+from loom.spec.spec import Spec
+
+
+def _time_report(spec: Spec, price_per_gpu_hour: float | None):
+    try:
+        from loom.simulator import simulate_time
+    except ImportError:
+        return None
+    return simulate_time(spec, price_per_gpu_hour=price_per_gpu_hour)
+
+
+def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_path: str | None = None,
+                    plot_path: str | None = None) -> dict[str, Any]:
+    from loom.simulator.memory import memory_report
+    mem = memory_report(spec)
+    out: dict[str, Any] = {
+        "model": spec.model.name,
+        "params": spec.model.param_count(),
+        "gpus": spec.world_size,
+        "gpu": spec.gpu.name,
+        "tokens_per_step": spec.tokens_per_step,
+        "memory": mem.to_dict(),
+    }
+    timing = _time_report(spec, price_per_gpu_hour)
+    if timing is not None:
+        out.update(timing.to_dict())
+        if trace_path:
+            from loom.simulator.trace import write_chrome_trace
+            write_chrome_trace(timing, trace_path)
+            out["trace"] = trace_path
+        if plot_path:
+            from loom.simulator.plot import plot_schedule
+            plot_schedule(timing, plot_path)
+            out["plot"] = plot_path
+    return out
+
+
+def format_report(spec: Spec, r: dict[str, Any]) -> str:
+    mem = r["memory"]
+    lines = [f"{r['model']}: {human_count(r['params'])} parameters on {r['gpus']} × {r['gpu']}"]
+    rows = []
+    for i, st in enumerate(mem["per_stage"]):
+        rows.append([st.get("stage", i)] + [gib(st[k]) for k in _MEM_COLUMNS if k in st])
+    headers = ["stage"] + [k for k in _MEM_COLUMNS if mem["per_stage"] and k in mem["per_stage"][0]]
+    lines.append("\nMemory per GPU (GiB)")
+    lines.append(tabulate(rows, headers=[h.replace("_bytes", "") for h in headers], tablefmt="github"))
+    verdict = "fits" if mem["fits"] else "DOES NOT FIT"
+    lines.append(f"peak {gib(mem['peak_bytes'])} GiB of {gib(mem['hbm_bytes'])} GiB: {verdict} "
+                 f"(headroom {gib(mem['headroom_bytes'])} GiB)")
+    if "step_time_s" in r:
+        t = [("step time", duration(r["step_time_s"])), ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+             ("TFLOP/s per GPU", f"{r['tflops_per_gpu']:.1f}"), ("MFU", f"{100 * r['mfu']:.1f} %"),
+             ("HFU", f"{100 * r['hfu']:.1f} %"), ("bubble", f"{100 * r['bubble_fraction']:.1f} %")]
+        for kind, s in r.get("exposed_comm_s", {}).items():
+            t.append((f"exposed {kind} comm", duration(s)))
+        if r.get("time_to_train_s"):
+            t.append(("time to train", duration(r["time_to_train_s"])))
+        if r.get("cost_usd"):
+            t.append(("cost to train", f"${r['cost_usd']:,.0f}"))
+        lines.append("\nStep time")
+        lines.append(tabulate(t, tablefmt="plain"))
+    return "\n".join(lines)
+
+
+_MEM_COLUMNS = ["params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "embedding_logits_bytes",
+                "comm_buffers_bytes", "overhead_bytes", "peak_bytes"]
