@@ -54,7 +54,21 @@ def _issue_from_pydantic(err: dict) -> SpecIssue:
         return SpecIssue(field, value, "not an allowed value.", err["msg"].replace("Input should be", "use"))
     if kind == "value_error":
         return SpecIssue(field, value, err["msg"].removeprefix("Value error, "), "")
-    return SpecIssue(field, value, err["msg"] + ".", "")
+    return SpecIssue(field, value, err["msg"] + ".", _TYPE_FIXES.get(kind.split("_")[0], "see the README's spec tour for this field."))
+
+
+_TYPE_FIXES = {
+    "int": "write a whole number without quotes, e.g. 8.",
+    "float": "write a number without quotes, e.g. 2.5 or 1e12.",
+    "bool": "write true or false, without quotes.",
+    "string": "write a quoted string.",
+    "greater": "use a positive value.",
+    "less": "use a smaller value.",
+    "dict": "write a table ([name] or {key = value}).",
+    "model": "write a table ([name] or {key = value}).",
+    "tuple": "write a list, e.g. [\"pp\", \"dp\", \"cp\", \"tp\"].",
+    "list": "write a list, e.g. [1, 2].",
+}
 
 
 def _expand_preset(model: Any, issues: list[SpecIssue]) -> Any:

@@ -1,0 +1,84 @@
+"""The CLI end to end: exit codes, named errors instead of tracebacks, the JSON contract, no torch in simulate."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loom.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+GOOD = """
+[model]
+preset = "llama3-8b"
+[cluster]
+gpu = "H100-SXM"
+gpus_per_node = 8
+nodes = 1
+[training]
+global_batch = 64
+micro_batch = 1
+[parallel]
+dp = 1
+tp = 8
+sp = true
+"""
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "spec.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_validate_ok_prints_derived_numbers(tmp_path, capsys):
+    assert main(["validate", _write(tmp_path, GOOD)]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "8,030,261,248" in out and "524,288" in out  # params; 64 × 8192 tokens per step
+
+
+@pytest.mark.parametrize("text, field", [
+    (GOOD.replace("tp = 8", "tp = 3"), "parallel.tp"),
+    (GOOD.replace('gpu = "H100-SXM"', 'gpu = "H1OO"'), "cluster.gpu"),
+    (GOOD.replace("[training]", "[training\n"), "file"),
+    (GOOD.replace("global_batch = 64", 'global_batch = "lots"'), "training.global_batch"),
+    (GOOD.replace("micro_batch = 1", "micro_bach = 1"), "training.micro_bach"),
+])
+def test_bad_specs_exit_2_with_named_field(tmp_path, capsys, text, field):
+    assert main(["validate", _write(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err and "Fix:" in err
+
+
+def test_missing_file_is_a_named_error(capsys):
+    assert main(["validate", "/nonexistent/spec.toml"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_simulate_json_contract(tmp_path, capsys):
+    assert main(["simulate", _write(tmp_path, GOOD), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["params"] == 8_030_261_248
+    mem = r["memory"]
+    assert mem["peak_bytes"] == max(s["peak_bytes"] for s in mem["per_stage"])
+    assert isinstance(mem["fits"], bool) and len(mem["per_stage"]) == 1
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_validates_and_simulates(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    assert main(["simulate", str(path)]) == 0
+    assert "Memory per GPU" in capsys.readouterr().out
+
+
+def test_simulate_does_not_import_torch(tmp_path):
+    code = ("import sys; from loom.cli import main; "
+            f"rc = main(['simulate', {_write(tmp_path, GOOD)!r}, '--json']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'simulate imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
