@@ -1,0 +1,18 @@
+"""Loom's Triton kernels, each with a pure-torch twin (see docs/kernels.md).
+
+Dispatch: CUDA tensors run Triton; CPU tensors run the torch twin, unless
+``TRITON_INTERPRET=1`` (then the Triton source runs in the CPU interpreter).  Force the
+twins with ``set_backend("torch")`` or ``LOOM_KERNELS=torch``.  Without an importable
+Triton everything uses the twins.
+"""
+from ._dispatch import HAS_TRITON, get_backend, set_backend
+from .flash_attention import flash_attention, flash_attention_with_lse, merge_attention_partials
+
+__all__ = [
+    "HAS_TRITON",
+    "get_backend",
+    "set_backend",
+    "flash_attention",
+    "flash_attention_with_lse",
+    "merge_attention_partials",
+]
