@@ -7,6 +7,10 @@ Triton everything uses the twins.
 """
 from ._dispatch import HAS_TRITON, get_backend, set_backend
 from .flash_attention import flash_attention, flash_attention_with_lse, merge_attention_partials
+from .fused_linear_ce import fused_linear_cross_entropy
+from .rmsnorm import rms_norm
+from .rope import apply_rope
+from .swiglu import swiglu
 
 __all__ = [
     "HAS_TRITON",
@@ -15,4 +19,8 @@ __all__ = [
     "flash_attention",
     "flash_attention_with_lse",
     "merge_attention_partials",
+    "rms_norm",
+    "apply_rope",
+    "swiglu",
+    "fused_linear_cross_entropy",
 ]
