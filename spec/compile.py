@@ -1,0 +1,309 @@
+"""compile_plan(spec) -> Plan: expand the schedule of every pipeline stage into ops with FLOPs, bytes and edges.
+
+Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c = cp, h hidden, ab activation bytes):
+- FORWARD of a chunk of n layers: n·(2·P_layer_matmul + attention core) FLOPs per token (ModelSpec, Narayanan et al.
+  2021 §5.1), plus the LM head 2·V·h on the last virtual stage; divided by t·c (TP shards every matmul, CP the
+  tokens; zigzag CP balances causal attention). BACKWARD = 2 × FORWARD. RECOMPUTE: full reruns the layers' forward,
+  selective the attention core (Korthikanti et al. 2022 §4.2) - the same accounting as train_flops_per_token.
+- TP (Megatron-LM, Shoeybi et al. 2019 §3): per layer 2 all-reduces of b·(s/c)·h in the forward (after attention
+  and MLP) and 2 in the backward; with sequence parallel each becomes an all-gather + reduce-scatter pair
+  (Korthikanti et al. 2022 §4.2.2), i.e. 2 AG + 2 RS per layer per pass. Full recompute repeats the forward's.
+- CP ring attention (Liu et al. 2023, Ring Attention; Megatron-LM/TransformerEngine p2p CP): c-1 steps per layer,
+  each sending this rank's K and V block, b·(s/c)·2·kv_dim/t elements; the backward also sends dK, dV (2×).
+  Any recompute reruns attention, hence its exchange.
+- PP: one activation (or its gradient) of b·(s/c)·h elements per send, /t with sequence parallel
+  (Megatron scatters the pipeline message over the TP group when SP is on).
+- DP: gradient buckets of bucket_MB in reverse layer order (PyTorch DDP, Li et al. 2020 §3.2.3), per chunk (as
+  Megatron keeps one buffer per model chunk); all-reduce with ZeRO-0; reduce-scatter with ZeRO >= 1 (Megatron's
+  distributed optimizer reduce-scatters for ZeRO-1 too, then all-gathers updated params after the step).
+  Gradients are reduced once per step, after the last micro-batch (DDP no_sync / Megatron accumulation).
+- ZeRO-3 (Rajbhandari et al. 2020 §5; FSDP): every chunk's parameters are all-gathered (one call per layer)
+  before its forward and again before its backward, prefetched one op ahead.
+Ring collective volumes per rank (Patarasuk & Yuan 2009; NCCL docs "Collective operations"/nccl-tests
+PERFORMANCE.md): all-reduce 2(n-1)/n·B, all-gather and reduce-scatter (n-1)/n·B, with B the full tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+
+from .mesh import Mesh
+from .plan import Op, OpKind, Plan, class_name
+from .schedules import build_schedule
+
+ACT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "fp32": 4}      # fp8 runs matmuls in fp8, keeps activations bf16
+PARAM_BYTES = ACT_BYTES
+GRAD_BYTES = {"fp32": 4, "bf16": 2}
+# HBM traffic of one optimizer step per parameter (fused kernels; apex/torch fused AdamW): read grad, read+write
+# fp32 master weight (8), read+write m and v (16), write the low-precision copy (2): 26 + grad bytes.
+OPT_STATE_BYTES = {"adamw": 26, "adam": 26, "sgd": 10}
+MAX_BUCKET_OPS = 8          # DP buckets per chunk are grouped into at most this many ops (each carries `count`)
+
+
+def split_layers(layers: int, chunks: int) -> list[range]:
+    """Contiguous layer ranges for each virtual stage. Even when it divides; otherwise the first and last virtual
+    stages (which also hold the embedding and the LM head) get fewer layers, as Llama 3 405B does (126 layers on
+    16 stages, Dubey et al. 2024 §3.3.2), and the rest spread one extra layer from the middle out."""
+    if chunks > layers:
+        raise ValueError(f"cannot split {layers} layers over {chunks} virtual stages")
+    base, extra = divmod(layers, chunks)
+    counts = [base] * chunks
+    middle = list(range(1, chunks - 1)) or list(range(chunks))
+    middle.sort(key=lambda j: abs(j - (chunks - 1) / 2))
+    for j in middle[:extra]:
+        counts[j] += 1
+    for j in range(extra - len(middle)):             # only when chunks <= 2 and extra > middle
+        counts[j] += 1
+    out, start = [], 0
+    for n in counts:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class _Shapes:
+    """Per-rank sizes of one micro-batch, derived once from the spec."""
+
+    def __init__(self, spec) -> None:
+        m, p, t = spec.model, spec.plan, spec.training
+        self.model, self.par, self.train = m, p, t
+        self.tp, self.cp, self.dp = p.tp, p.cp, p.dp
+        self.tokens = t.micro_batch * m.seq_len                   # tokens of one micro-batch on one replica
+        self.shard = p.tp * p.cp                                   # FLOPs are split over tp·cp ranks
+        self.ab = ACT_BYTES[t.precision]
+        self.pb = PARAM_BYTES[t.precision]
+        self.gb = GRAD_BYTES[t.grad_dtype]
+        self.layer_f = 2.0 * m.layer_matmul_params()
+        self.attn_f = m.attention_core_flops_per_token(causal=True)
+        self.head_f = 2.0 * m.vocab * m.hidden
+        h, f = m.hidden, m.ffn_hidden
+        # HBM bytes per token per layer, forward, for the memory-bound work (why: these ops are not counted in
+        # FLOPs). Norms 2×(read+write h), residual adds 2×(read 2h, write h), activation (SwiGLU reads 2f writes f;
+        # GeLU reads f writes f), RoPE read+write q and k. Replicated over TP ranks unless SP shards them.
+        replicated = (4 * h + 6 * h) / (p.tp if p.sp else 1)
+        sharded = ((3 * f if m.gated else 2 * f) + 2 * (m.q_dim + m.kv_dim)) / p.tp
+        self.layer_mem = (replicated + sharded) * self.ab
+        # Cross-entropy over vocab-parallel logits: write logits, then ~3 fp32 passes (max, exp-sum, grad).
+        self.head_mem = m.vocab / p.tp * (self.ab + 12)
+        self.act_msg = self.tokens / p.cp * h * self.ab           # one full activation of this CP rank
+        self.kv_msg = self.tokens / p.cp * 2 * m.kv_dim / p.tp * self.ab
+
+    def chunk_params(self, layers: range, first: bool, last: bool) -> float:
+        """Parameters one rank holds for a chunk (TP shards matmuls and the vocab; norms are replicated)."""
+        m = self.model
+        norm = m.norm_params()
+        per_layer = (m.layer_params() - 2 * norm) / self.tp + 2 * norm
+        n = len(layers) * per_layer
+        if first:
+            n += m.embedding_params() / self.tp
+        if last:
+            n += m.head_params() / self.tp + norm
+        return n
+
+
+def _ring(kind: OpKind, n: int, msg: float) -> float:
+    """Bytes one rank sends in one ring collective over n ranks on a tensor of msg bytes."""
+    if n <= 1:
+        return 0.0
+    if kind in (OpKind.TP_ALLREDUCE, OpKind.DP_ALLREDUCE):
+        return 2.0 * (n - 1) / n * msg
+    return (n - 1) / n * msg
+
+
+class _Builder:
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.sh = _Shapes(spec)
+        self.g = nx.DiGraph()
+        self.programs: dict[str, list[int]] = {}
+        self.next_id = 0
+        self.degree = {d: spec.plan.degree(d) for d in ("tp", "cp", "pp", "dp")}
+
+    def add(self, stage: int, kind: OpKind, stream: str, **kw) -> int:
+        rc = class_name(stage)
+        prog = self.programs.setdefault(rc, [])
+        if "group" in kw:
+            kw["group_size"] = self.degree[kw["group"]]
+        op = Op(id=self.next_id, kind=kind, stage=stage, rank_class=rc, order=len(prog), stream=stream, **kw)
+        self.g.add_node(op.id, op=op)
+        prog.append(op.id)
+        self.next_id += 1
+        return op.id
+
+    def edge(self, u: int, v: int, frac: float = 1.0, tail: float = 0.0) -> None:
+        if self.g.has_edge(u, v):
+            d = self.g.edges[u, v]
+            d["frac"], d["tail"] = max(d["frac"], frac), max(d["tail"], tail)
+        else:
+            self.g.add_edge(u, v, frac=frac, tail=tail)
+
+    def collective(self, stage: int, kind: OpKind, count: int, msg: float, **kw) -> int | None:
+        dim = kind.dim
+        n = self.spec.plan.degree(dim)
+        if n <= 1 or count <= 0:
+            return None
+        wire = msg * count if kind == OpKind.CP_KV_EXCHANGE else _ring(kind, n, msg) * count
+        stream = "compute" if dim == "tp" else "comm"
+        return self.add(stage, kind, stream, msg_bytes=msg, wire_bytes=wire, count=count, group=dim, **kw)
+
+
+def compile_plan(spec) -> Plan:
+    par, train = spec.plan, spec.training
+    pp, m = par.pp, spec.micro_batches
+    v = par.vpp if par.schedule == "interleaved" else 1
+    if m < 1:
+        raise ValueError(f"global_batch {train.global_batch} gives no micro-batch per replica "
+                         f"(dp·micro_batch = {par.dp * train.micro_batch})")
+    mesh = Mesh.from_spec(spec)
+    sched = build_schedule(par.schedule, pp, m, v)
+    vstages = split_layers(spec.model.layers, pp * v)
+    stage_chunks = [[vstages[c * pp + s] for c in range(v)] for s in range(pp)]
+    b = _Builder(spec)
+    sh = b.sh
+    recompute = train.recompute
+    last_v = pp * v - 1
+
+    tails: dict[tuple[str, int, int, int], int] = {}       # (F|B, stage, chunk, mb) -> op whose end = output ready
+    sends: dict[tuple[str, int, int], int] = {}            # (ACT|GRAD, mb, receiving virtual stage) -> send op
+    recvs: list[tuple[int, str, int, int]] = []            # (recv op, ACT|GRAD, mb, this virtual stage)
+    dp_ops: dict[int, list[int]] = {}
+    main_compute: dict[int, list[int]] = {}                # stage -> FORWARD/BACKWARD ids, for ZeRO-3 prefetch
+
+    for s in range(pp):
+        last_b = {c: max(i for i, a in enumerate(sched[s]) if a.kind == "B" and a.chunk == c) for c in range(v)}
+        pending_recv: int | None = None
+        for idx, a in enumerate(sched[s]):
+            c, mb = a.chunk, a.microbatch
+            j = c * pp + s
+            layers = stage_chunks[s][c]
+            n = len(layers)
+            first, last = j == 0, j == last_v
+            toks = sh.tokens / sh.shard
+            pp_msg = sh.act_msg / (sh.tp if par.sp else 1)
+            common = dict(chunk=c, microbatch=mb, layers=layers)
+            if a.kind in ("RECV_ACT", "RECV_GRAD"):
+                kind = OpKind.PP_RECV_ACT if a.kind == "RECV_ACT" else OpKind.PP_RECV_GRAD
+                pending_recv = b.add(s, kind, "p2p", msg_bytes=pp_msg, group="pp", peer=a.peer, **common)
+                recvs.append((pending_recv, a.kind[5:], mb, j))
+                continue
+            if a.kind in ("SEND_ACT", "SEND_GRAD"):
+                kind = OpKind.PP_SEND_ACT if a.kind == "SEND_ACT" else OpKind.PP_SEND_GRAD
+                op = b.add(s, kind, "p2p", msg_bytes=pp_msg, wire_bytes=pp_msg, group="pp", peer=a.peer, **common)
+                b.edge(tails[("F" if a.kind == "SEND_ACT" else "B", s, c, mb)], op)
+                dst = j + 1 if a.kind == "SEND_ACT" else j - 1
+                sends[(a.kind[5:], mb, dst)] = op
+                continue
+            # ---- a compute action: F or B of (chunk, mb) ----
+            before = [pending_recv] if pending_recv is not None else []
+            pending_recv = None
+            if a.kind == "B":
+                before.append(tails[("F", s, c, mb)])
+            zero3 = None
+            if par.zero == 3 and par.dp > 1:
+                msg = sh.chunk_params(layers, first, last) * sh.pb / max(n, 1)
+                zero3 = b.collective(s, OpKind.ZERO_ALLGATHER, max(n, 1), msg, **common)
+                if main_compute.get(s):
+                    b.edge(main_compute[s][-1], zero3, frac=0.0)          # prefetch: one op ahead, no further
+            f_flops = toks * (n * (sh.layer_f + sh.attn_f) + (sh.head_f if last else 0.0))
+            f_attn = toks * n * sh.attn_f
+            f_mem = sh.tokens / sh.cp * (n * sh.layer_mem + (sh.head_mem if last else 0.0))
+            tp_kinds = [OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER] if par.sp else [OpKind.TP_ALLREDUCE]
+            cp_steps = n * (par.cp - 1)
+            group_ops: list[int] = []
+
+            def compute(kind: OpKind, flops: float, attn: float, mem: float, cp_count: int) -> int:
+                cp_op = b.collective(s, OpKind.CP_KV_EXCHANGE, cp_count, sh.kv_msg, **common)
+                op = b.add(s, kind, "compute", flops=flops, attn_flops=attn, mem_bytes=mem, **common)
+                for u in before + ([group_ops[-1]] if group_ops else []):
+                    b.edge(u, op)
+                if cp_op is not None:
+                    for u in before:
+                        b.edge(u, cp_op)
+                    b.edge(cp_op, op, frac=1.0 / cp_count, tail=1.0 / cp_count)   # KV blocks overlap attention
+                if zero3 is not None and not group_ops:
+                    b.edge(zero3, op, frac=1.0 / max(n, 1), tail=1.0 / max(n, 1))  # layer-by-layer prefetch
+                group_ops.append(op)
+                if kind != OpKind.RECOMPUTE or recompute == "full":
+                    for k in tp_kinds:
+                        t = b.collective(s, k, 2 * n, sh.act_msg, **common)
+                        if t is not None:
+                            b.edge(group_ops[-1], t)
+                            group_ops.append(t)
+                return op
+
+            if a.kind == "F":
+                main = compute(OpKind.FORWARD, f_flops, f_attn, f_mem, cp_steps)
+                tails[("F", s, c, mb)] = group_ops[-1]
+            else:
+                if recompute != "none" and n > 0:
+                    if recompute == "full":
+                        r = (toks * n * (sh.layer_f + sh.attn_f), f_attn, sh.tokens / sh.cp * n * sh.layer_mem)
+                    else:
+                        r = (toks * n * sh.attn_f, f_attn, 0.0)
+                    compute(OpKind.RECOMPUTE, *r, cp_steps)
+                main = compute(OpKind.BACKWARD, 2 * f_flops, 2 * f_attn, 2 * f_mem, 2 * cp_steps)
+                tails[("B", s, c, mb)] = group_ops[-1]
+                if idx == last_b[c] and par.dp > 1:
+                    dp_ops.setdefault(s, []).extend(_buckets(b, s, c, layers, first, last, main))
+            main_compute.setdefault(s, []).append(main)
+
+    for op, kind, mb, j in recvs:                                  # cross-stage edges: send -> matching recv
+        b.edge(sends[(kind, mb, j)], op)
+    _optimizer(b, pp, dp_ops, stage_chunks, last_v, v)
+    _stream_order(b)
+    plan = Plan(spec=spec, mesh=mesh, graph=b.g, schedule=sched, stage_chunks=stage_chunks, programs=b.programs)
+    return plan
+
+
+def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool, backward: int) -> list[int]:
+    """DP gradient buckets of one chunk, produced by its last backward, reduced in reverse layer order."""
+    sh, par = b.sh, b.spec.plan
+    total = sh.chunk_params(layers, first, last) * sh.gb
+    bucket = par.bucket_MB * 2**20
+    n_buckets = max(1, math.ceil(total / bucket))
+    n_ops = min(n_buckets, MAX_BUCKET_OPS)
+    kind = OpKind.DP_ALLREDUCE if par.zero == 0 else OpKind.DP_REDUCESCATTER
+    out = []
+    for k in range(n_ops):
+        count = n_buckets // n_ops + (1 if k < n_buckets % n_ops else 0)
+        op = b.collective(s, kind, count, total / n_buckets, chunk=c, layers=layers, bucket=k)
+        # The k-th group of buckets is full once the backward has produced (k+1)/n_ops of the chunk's grads.
+        b.edge(backward, op, frac=(k + 1) / n_ops)
+        out.append(op)
+    return out
+
+
+def _optimizer(b: _Builder, pp: int, dp_ops: dict[int, list[int]], stage_chunks, last_v: int, v: int) -> None:
+    sh, par, train = b.sh, b.spec.plan, b.spec.training
+    opt_ids = []
+    for s in range(pp):
+        params = sum(sh.chunk_params(r, c * pp + s == 0, c * pp + s == last_v) for c, r in enumerate(stage_chunks[s]))
+        shard = par.dp if par.zero >= 1 else 1
+        mem = params / shard * (OPT_STATE_BYTES[train.optimizer] + sh.gb)
+        op = b.add(s, OpKind.OPTIMIZER, "compute", mem_bytes=mem)
+        prog = b.programs[class_name(s)]
+        last_compute = [i for i in prog[:-1] if b.g.nodes[i]["op"].stream == "compute"][-1]
+        b.edge(last_compute, op)                                  # after this stage's last compute op
+        opt_ids.append(op)
+        if par.zero in (1, 2) and par.dp > 1:                     # distributed optimizer: gather updated params
+            msg = params * sh.pb / len(stage_chunks[s])
+            g = b.collective(s, OpKind.ZERO_ALLGATHER, len(stage_chunks[s]), msg)
+            b.edge(op, g)
+    # Gradient clipping needs the global norm over all stages (Megatron-LM optimizer/clip_grads.py all-reduces it
+    # over the model-parallel group): with clipping, each stage's optimizer waits for every stage's reduction.
+    last_dp = [ids[-1] for ids in dp_ops.values()]
+    for s, op in enumerate(opt_ids):
+        for u in dp_ops.get(s, []) + (last_dp if train.grad_clip > 0 else []):
+            b.edge(u, op)
+
+
+def _stream_order(b: _Builder) -> None:
+    """Ops of one rank class on one stream run in program order (one CUDA stream = one in-order queue)."""
+    for ids in b.programs.values():
+        last: dict[str, int] = {}
+        for i in ids:
+            st = b.g.nodes[i]["op"].stream
+            if st in last:
+                b.edge(last[st], i)
+            last[st] = i
