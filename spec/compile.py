@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import networkx as nx
 
 from .mesh import Mesh
 from .plan import Op, OpKind, Plan, class_name
@@ -112,12 +111,14 @@ def _ring(kind: OpKind, n: int, msg: float) -> float:
 
 
 class _Builder:
+    """Collects ops and edges in plain lists and dicts."""
+
     def __init__(self, spec) -> None:
         self.spec = spec
         self.sh = _Shapes(spec)
-        self.g = nx.DiGraph()
+        self.ops: list[Op] = []
+        self.edges: dict[tuple[int, int], tuple[float, float]] = {}
         self.programs: dict[str, list[int]] = {}
-        self.next_id = 0
         self.degree = {d: spec.plan.degree(d) for d in ("tp", "cp", "pp", "dp")}
 
     def add(self, stage: int, kind: OpKind, stream: str, **kw) -> int:
@@ -125,22 +126,21 @@ class _Builder:
         prog = self.programs.setdefault(rc, [])
         if "group" in kw:
             kw["group_size"] = self.degree[kw["group"]]
-        op = Op(id=self.next_id, kind=kind, stage=stage, rank_class=rc, order=len(prog), stream=stream, **kw)
-        self.g.add_node(op.id, op=op)
+        op = Op(id=len(self.ops), kind=kind, stage=stage, rank_class=rc, order=len(prog), stream=stream, **kw)
+        self.ops.append(op)
         prog.append(op.id)
-        self.next_id += 1
         return op.id
 
     def edge(self, u: int, v: int, frac: float = 1.0, tail: float = 0.0) -> None:
-        if self.g.has_edge(u, v):
-            d = self.g.edges[u, v]
-            d["frac"], d["tail"] = max(d["frac"], frac), max(d["tail"], tail)
+        d = self.edges.get((u, v))
+        if d is None:
+            self.edges[(u, v)] = (frac, tail)
         else:
-            self.g.add_edge(u, v, frac=frac, tail=tail)
+            self.edges[(u, v)] = (max(d[0], frac), max(d[1], tail))
 
     def collective(self, stage: int, kind: OpKind, count: int, msg: float, **kw) -> int | None:
         dim = kind.dim
-        n = self.spec.plan.degree(dim)
+        n = self.degree[dim]
         if n <= 1 or count <= 0:
             return None
         wire = msg * count if kind == OpKind.CP_KV_EXCHANGE else _ring(kind, n, msg) * count
@@ -252,8 +252,8 @@ def compile_plan(spec) -> Plan:
         b.edge(sends[(kind, mb, j)], op)
     _optimizer(b, pp, dp_ops, stage_chunks, last_v, v)
     _stream_order(b)
-    plan = Plan(spec=spec, mesh=mesh, graph=b.g, schedule=sched, stage_chunks=stage_chunks, programs=b.programs)
-    return plan
+    return Plan(spec=spec, mesh=mesh, op_list=b.ops, edges=b.edges, schedule=sched, stage_chunks=stage_chunks,
+                programs=b.programs)
 
 
 def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool, backward: int) -> list[int]:
@@ -283,7 +283,7 @@ def _optimizer(b: _Builder, pp: int, dp_ops: dict[int, list[int]], stage_chunks,
         mem = params / shard * (OPT_STATE_BYTES[train.optimizer] + sh.gb)
         op = b.add(s, OpKind.OPTIMIZER, "compute", mem_bytes=mem)
         prog = b.programs[class_name(s)]
-        last_compute = [i for i in prog[:-1] if b.g.nodes[i]["op"].stream == "compute"][-1]
+        last_compute = [i for i in prog[:-1] if b.ops[i].stream == "compute"][-1]
         b.edge(last_compute, op)                                  # after this stage's last compute op
         opt_ids.append(op)
         if par.zero in (1, 2) and par.dp > 1:                     # distributed optimizer: gather updated params
@@ -303,7 +303,7 @@ def _stream_order(b: _Builder) -> None:
     for ids in b.programs.values():
         last: dict[str, int] = {}
         for i in ids:
-            st = b.g.nodes[i]["op"].stream
+            st = b.ops[i].stream
             if st in last:
                 b.edge(last[st], i)
             last[st] = i

@@ -97,13 +97,29 @@ class Op:
 
 @dataclass
 class Plan:
-    """A compiled step. `graph` nodes are op ids (attribute "op"), edges are dependencies (attributes frac, tail)."""
+    """A compiled step: ops (indexed by id) and dependency edges (u, v) -> (frac, tail).
+
+    `graph` is the same thing as a networkx DiGraph (nodes = op ids with attribute "op", edges with attributes
+    frac and tail), built on first access: the simulator walks the plain lists, which is several times faster."""
     spec: object                                    # loom.spec.Spec (not imported: avoids a cycle)
     mesh: Mesh
-    graph: nx.DiGraph
+    op_list: list[Op]                               # op i has id i
+    edges: dict[tuple[int, int], tuple[float, float]]
     schedule: list[list[Action]]                    # per stage, from schedules.build_schedule
     stage_chunks: list[list[range]]                 # stage -> chunk -> global layer indices
     programs: dict[str, list[int]] = field(default_factory=dict)   # rank class -> op ids in program order
+    _preds: list[list[tuple[int, float, float]]] | None = field(default=None, repr=False)
+    _topo: list[int] | None = field(default=None, repr=False)
+    _graph: nx.DiGraph | None = field(default=None, repr=False)
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        if self._graph is None:
+            g = nx.DiGraph()
+            g.add_nodes_from((op.id, {"op": op}) for op in self.op_list)
+            g.add_edges_from((u, v, {"frac": f, "tail": t}) for (u, v), (f, t) in self.edges.items())
+            self._graph = g
+        return self._graph
 
     # ---- access ----------------------------------------------------------------------------------------------
     @property
@@ -115,10 +131,11 @@ class Plan:
         return list(self.programs)
 
     def op(self, op_id: int) -> Op:
-        return self.graph.nodes[op_id]["op"]
+        return self.op_list[op_id]
 
     def ops(self) -> list[Op]:
-        return [self.op(i) for i in self.graph.nodes]
+        """All ops, indexed by id."""
+        return self.op_list
 
     def program(self, stage: int) -> list[Op]:
         """What one rank of pipeline stage `stage` runs, in order (every stream interleaved as issued)."""
@@ -133,12 +150,43 @@ class Plan:
 
     def deps(self, op_id: int) -> list[tuple[int, float, float]]:
         """(predecessor id, frac, tail) for each dependency of an op."""
-        return [(u, d.get("frac", 1.0), d.get("tail", 0.0)) for u, _, d in self.graph.in_edges(op_id, data=True)]
+        return self.preds()[op_id]
+
+    def preds(self) -> list[list[tuple[int, float, float]]]:
+        """Dependencies of every op, indexed by op id (ids are 0..n-1); cached, derived from the graph."""
+        if self._preds is None:
+            self._preds = [[] for _ in range(len(self))]
+            for (u, v), (f, t) in self.edges.items():
+                self._preds[v].append((u, f, t))
+        return self._preds
+
+    def topological_order(self) -> list[int]:
+        """Op ids, every op after all of its dependencies (Kahn's algorithm); cached."""
+        if self._topo is None:
+            preds = self.preds()
+            succ: list[list[int]] = [[] for _ in preds]
+            indeg = [len(p) for p in preds]
+            for v, p in enumerate(preds):
+                for u, _, _ in p:
+                    succ[u].append(v)
+            ready = [v for v, d in enumerate(indeg) if d == 0]
+            order: list[int] = []
+            while ready:
+                u = ready.pop()
+                order.append(u)
+                for v in succ[u]:
+                    indeg[v] -= 1
+                    if indeg[v] == 0:
+                        ready.append(v)
+            if len(order) != len(preds):
+                raise ValueError("the plan graph has a cycle")
+            self._topo = order
+        return self._topo
 
     # ---- totals ----------------------------------------------------------------------------------------------
     def total_flops(self) -> float:
         """Compute FLOPs of one step summed over all ranks."""
-        return sum(op.flops * self.class_size(op.rank_class) for op in self.ops())
+        return sum(op.flops for op in self.op_list) * self.class_size("")   # every class has the same size
 
     def totals(self) -> dict:
         """Per rank class: FLOPs, HBM bytes and wire bytes by mesh dim, and op counts."""
@@ -156,7 +204,7 @@ class Plan:
         return out
 
     def __len__(self) -> int:
-        return self.graph.number_of_nodes()
+        return len(self.op_list)
 
 
 def class_name(stage: int) -> str:
