@@ -39,7 +39,8 @@ def _known_fields(loc: tuple) -> list[str]:
 
 
 def _issue_from_pydantic(err: dict) -> SpecIssue:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union-branch tags
+    # drop union-branch tags: "literal['auto']" and the class name of the table branch of `parallel`
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p == "ParallelSpec")))
     field = ".".join(str(p) for p in loc) or "spec"
     value = err.get("input")
     kind = err["type"]
@@ -101,7 +102,11 @@ def spec_from_dict(data: dict) -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(issues + [_issue_from_pydantic(e) for e in exc.errors()]) from None
+        errors = exc.errors()
+        if isinstance(data.get("parallel"), dict):      # a table was meant: the "auto" branch's error is noise
+            errors = [e for e in errors if not (e["loc"][:1] == ("parallel",) and len(e["loc"]) == 2
+                                                and "[" in str(e["loc"][1]))]
+        raise SpecError(issues + [_issue_from_pydantic(e) for e in errors]) from None
     issues += check(spec)
     if issues:
         raise SpecError(issues)
