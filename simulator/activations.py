@@ -1,0 +1,143 @@
+"""Activation memory: what one transformer layer saves for its backward pass, and how many micro-batches a
+pipeline stage holds at once.
+
+The per-layer count follows Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models" §4.1 and Table 2, term by term, generalised to GQA (K and V are s·b·kv_dim, not s·b·h), SwiGLU MLPs and
+FlashAttention. With their assumptions (MHA, GELU with ffn = 4h, dropout, no FlashAttention) the terms below add
+up to exactly their 34·s·b·h + 5·a·s²·b bytes per layer, which a test checks.
+
+Bytes per element: activations in the compute dtype (2 for bf16/fp16/fp8-with-bf16-storage, 4 for fp32), dropout
+masks 1 byte, softmax statistics (FlashAttention's log-sum-exp) always fp32 (4). `tokens` below is the per-rank
+token count of one micro-batch, s·b/cp: context parallelism shards the sequence, so every term divides by cp.
+
+Parallel sharding (Korthikanti §4.2.2, §4.2.3): tensor parallelism shards what lives inside the attention heads
+and the MLP intermediate (Q, K, V, scores, attention output, the ffn-wide tensors); the norm inputs, the inputs of
+the first linear of each block and the dropout masks on the residual stream stay replicated, unless sequence
+parallelism also shards them over tp, in which case everything divides by tp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.spec.model import ModelSpec
+
+MASK_BYTES = 1          # dropout masks (Korthikanti §4.1: "a mask of size sbh ... 1 byte per element")
+FP32 = 4                # softmax statistics, fp32 logits
+TOKEN_ID_BYTES = 8      # int64 token ids (Megatron's theoretical_memory_usage: "8 * seq_length * micro_batch")
+
+
+@dataclass(frozen=True)
+class ActivationAssumptions:
+    """What the kernels of a run keep. Loom's default is a modern stack: FlashAttention (no s² tensor; only the
+    log-sum-exp per row is saved), no dropout (Llama-style pretraining uses none), eager PyTorch SwiGLU (saves
+    gate, up, silu(gate) and their product: four s·b·f tensors). `flash_attention=False, dropout=True` with a
+    GELU model reproduces Korthikanti's Table 2 exactly."""
+    flash_attention: bool = True
+    dropout: bool = False
+    swiglu_saved_tensors: int = 4
+
+
+DEFAULT = ActivationAssumptions()
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes one layer saves for one micro-batch on one GPU, split by what tensor parallelism does to them."""
+    replicated: float      # residual-stream tensors: divided by tp only under sequence parallelism
+    sharded: float         # head-/ffn-wide tensors: always divided by tp
+    attention_core: float  # what selective recompute drops (scores/softmax/dropout, or FlashAttention's LSE)
+
+    def total(self, tp: int, sp: bool) -> float:
+        return self.replicated / (tp if sp else 1) + (self.sharded + self.attention_core) / tp
+
+
+def layer_terms(m: ModelSpec, tokens: float, act_bytes: int, a: ActivationAssumptions = DEFAULT,
+                seq_for_scores: float | None = None) -> LayerActivations:
+    """The saved tensors of one transformer layer, unsharded (tp = 1), for `tokens` = s·b/cp tokens.
+
+    Attention block (Korthikanti §4.1, "Attention block"):
+      norm-1 input                           2·sbh   replicated (they count both LayerNorm inputs as 4sbh)
+      QKV projection input (norm-1 output)   2·sbh   replicated
+      Q and K, kept for QKᵀ                  2·sb·q_dim + 2·sb·kv_dim   sharded (they: 4sbh)
+      V, kept for the attention over values  2·sb·kv_dim                sharded (they: 2sbh)
+      output projection input                2·sb·q_dim                 sharded (they: 2sbh); with
+                                             FlashAttention this is also the O tensor its backward needs
+      attention-output dropout mask          1·sbh   replicated (only with dropout)
+      core without FlashAttention: softmax output 2·a·s²·b, its dropout mask a·s²·b and the dropout output
+      2·a·s²·b (5as²b); without dropout only the softmax output (2as²b) is kept
+      core with FlashAttention: the log-sum-exp, fp32, one per row and head: 4·a·sb
+    MLP block (Korthikanti §4.1, "MLP"):
+      norm-2 input                           2·sbh   replicated
+      first linear input (norm-2 output)     2·sbh   replicated
+      GELU: its input and its output (the second linear's input)    2·sbf + 2·sbf    sharded (they: 8sbh + 8sbh)
+      SwiGLU: gate, up, silu(gate) and gate·up (the down projection's input): 4 × 2·sbf   sharded
+      MLP dropout mask                       1·sbh   replicated (only with dropout)
+    """
+    h, f, q, kv, heads = m.hidden, m.ffn_hidden, m.q_dim, m.kv_dim, m.heads
+    e = act_bytes
+    drop = MASK_BYTES if a.dropout else 0
+    replicated = tokens * (e * h          # norm-1 input
+                           + e * h        # QKV input
+                           + drop * h     # attention-output dropout mask
+                           + e * h        # norm-2 input
+                           + e * h        # MLP first-linear input
+                           + drop * h)    # MLP dropout mask
+    ffn_tensors = a.swiglu_saved_tensors if m.gated else 2
+    sharded = tokens * (e * (q + kv)      # Q, K
+                        + e * kv          # V
+                        + e * q           # output projection input (= attention output O)
+                        + ffn_tensors * e * f)
+    if a.flash_attention:
+        core = tokens * FP32 * heads      # log-sum-exp per (token, head)
+    else:
+        # a·s²·b score elements per micro-batch: tokens·s (tokens = s·b/cp; each query scores the whole sequence)
+        s = seq_for_scores if seq_for_scores is not None else m.seq_len
+        scores = tokens * s * heads
+        core = scores * (e + MASK_BYTES + e) if a.dropout else scores * e
+    return LayerActivations(replicated, sharded, core)
+
+
+def layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool, recompute: str,
+                a: ActivationAssumptions = DEFAULT) -> float:
+    """Bytes one layer keeps between its forward and its backward, for one micro-batch, on one GPU.
+
+    - "none": every saved tensor above.
+    - "selective" (Korthikanti §4.2.1): the attention core is recomputed, so its term is dropped. Without
+      FlashAttention that is the 5as²b term; with FlashAttention the backward already recomputes the scores
+      from Q, K, V, O and the LSE, so selective recompute only drops the LSE (a few bytes per token).
+    - "full" (Korthikanti §4.2, Table 2 last row): only the layer input, 2·sbh, divided by tp under sequence
+      parallelism (Megatron keeps the SP-sharded input and all-gathers it again for the recompute).
+    """
+    terms = layer_terms(m, tokens, act_bytes, a)
+    if recompute == "full":
+        return act_bytes * tokens * m.hidden / (tp if sp else 1)
+    if recompute == "selective":
+        terms = LayerActivations(terms.replicated, terms.sharded, 0.0)
+    return terms.total(tp, sp)
+
+
+def full_layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool,
+                     a: ActivationAssumptions = DEFAULT) -> float:
+    """One layer's complete saved set for one micro-batch: what is live while a fully recomputed layer runs
+    its backward (the recompute rebuilds it, then the backward consumes it)."""
+    return layer_terms(m, tokens, act_bytes, a).total(tp, sp)
+
+
+# ---- pipeline: micro-batches in flight ------------------------------------------------------------------
+def chunk_microbatches_in_flight(schedule: str, pp: int, stage: int, m: int, vpp: int = 1) -> int:
+    """Forward passes (of one model chunk for one micro-batch) whose activations stage `stage` holds at its
+    peak, i.e. when the first backward starts.
+
+    - AFAB (GPipe, Huang et al. 2019): all m forwards run before any backward.
+    - 1F1B (Narayanan et al. 2021 §2.2.1, PipeDream-Flush): stage i runs pp−i−1 warm-up forwards, then one
+      more forward before its first backward: min(pp − i, m).
+    - Interleaved 1F1B (Narayanan et al. 2021 §2.2.2; Megatron-LM megatron/core/pipeline_parallel/schedules.py,
+      forward_backward_pipelining_with_interleaving): (pp − i − 1)·2 + (vpp − 1)·pp warm-up chunk-forwards plus
+      one, capped at the m·vpp chunk-forwards of the step. Each holds layers/(pp·vpp) layers, so stage 0 holds
+      layers·(1 + (pp−1)/(pp·vpp)) layers' worth: Megatron's theoretical_memory_usage.py penalty factor.
+    """
+    if schedule == "afab":
+        return m * vpp
+    if schedule == "interleaved":
+        return min(m * vpp, (pp - stage - 1) * 2 + (vpp - 1) * pp + 1)
+    return min(pp - stage, m)

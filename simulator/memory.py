@@ -1,0 +1,263 @@
+"""Per-GPU memory of a training plan: model states, activations, buffers and overhead, stage by stage.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, §3.1 and §5): mixed precision Adam keeps 2 bytes of
+bf16/fp16 parameters, a gradient buffer, and K = 12 bytes of optimizer state per parameter (fp32 master copy 4,
+momentum 4, variance 4). Gradients are 4 bytes when `training.grad_dtype = "fp32"` (Megatron-LM accumulates and
+reduces in fp32: its 18 bytes/param = 2 + 4 + 12, megatron/training/theoretical_memory_usage.py) and 2 bytes for
+"bf16". fp32 training keeps no master copy (params 4, grads 4, Adam 8). SGD (no momentum) keeps no moments.
+ZeRO stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters (ZeRO §5.1-5.3).
+
+Loom shards ZeRO state over dp·cp ranks, not dp alone: context-parallel ranks hold the same parameters and
+reduce gradients together, and both Megatron-LM (its distributed optimizer uses the data-parallel group *with*
+context parallelism) and torchtitan (FSDP over the dp_shard×cp mesh) shard over that larger group. Shards are
+padded up to whole elements per rank (Megatron pads its contiguous buffer to a multiple of the DP size).
+
+Where parameters live (Megatron-LM layout): stage i holds layers/pp layers (vpp chunks of them when
+interleaved); the first stage also the input embedding (and learned positions), the last stage the final norm and
+the LM head; with tied embeddings and pp > 1 the last stage keeps its own copy of the embedding matrix (Megatron's
+"word_embeddings_for_head", kept in sync by an all-reduce of its gradient). Tensor parallelism splits the
+attention and MLP weights and their column-parallel biases; norms, row-parallel biases and position embeddings are
+replicated; the embedding and head are vocabulary-parallel, with the vocabulary padded up to a multiple of tp
+(Megatron pads further, to 128·tp, for speed; Loom pads only as far as the split needs).
+
+Activations: see activations.py. Buffers: see `_comm_buffers`. The numbers are an analytical model, compared
+against published measured peaks in benchmarks/memory_accuracy.py (results in docs/measurements.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from loom.spec.model import ModelSpec
+from loom.spec.spec import Spec
+
+from .activations import (DEFAULT, FP32, MASK_BYTES, TOKEN_ID_BYTES, ActivationAssumptions,
+                          chunk_microbatches_in_flight, full_layer_bytes, layer_bytes)
+
+MiB = 2**20
+GiB = 2**30
+
+# Framework overhead, stated not fitted:
+# - CUDA context plus library workspaces (cuBLAS/cuDNN handles, NCCL communicator buffers): the PyTorch CUDA
+#   context alone takes roughly 0.3-0.6 GiB on an H100 (depends on the CUDA version and lazy module loading),
+#   NCCL's default 4 MiB buffers per channel and peer and the cuBLAS workspaces add a few hundred MiB: 1 GiB.
+#   This memory is not seen by torch.cuda.max_memory_reserved().
+CUDA_CONTEXT_BYTES = 1 * GiB
+# - Caching-allocator fragmentation: 5 % on top of what is allocated, Megatron-LM's own allowance
+#   ("overhead_factor = 1.05", megatron/training/theoretical_memory_usage.py).
+FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of pipeline stage `stage` (all its tp/dp/cp ranks hold the same)."""
+    stage: int
+    layers: int                    # transformer layers on this stage (all its virtual chunks together)
+    microbatches_in_flight: float  # micro-batches of the whole stage whose activations are held at the peak
+    params: int
+    grads: int
+    optimizer: int
+    activations: int               # transformer layers' saved activations, all micro-batches in flight
+    embedding_buffers: int         # first stage: token ids (and embedding dropout masks) per micro-batch in flight
+    logits_buffers: int            # last stage: final-norm tensors and fp32 log-probs per micro-batch in flight
+    workspace: int                 # the largest transient: loss backward, or a fully recomputed layer
+    comm_buffers: int              # DP gradient buckets, ZeRO-3 gathered parameters/gradients, CP ring K/V
+    overhead: int                  # CUDA context + allocator fragmentation
+    peak: int
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    per_stage: list[StageMemory]
+    peak_bytes: int
+    hbm_bytes: int
+    fits: bool
+    headroom_bytes: int            # hbm_bytes − peak_bytes (negative when it does not fit)
+    gpu: str
+
+    @property
+    def peak_stage(self) -> StageMemory:
+        return max(self.per_stage, key=lambda s: s.peak)
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "hbm_bytes": self.hbm_bytes, "fits": self.fits,
+                "headroom_bytes": self.headroom_bytes, "gpu": self.gpu,
+                "per_stage": [s.to_dict() for s in self.per_stage]}
+
+
+# ---- bytes per element ---------------------------------------------------------------------------------
+def param_bytes(precision: str) -> int:
+    """Bytes of the working parameter copy. fp8 training (Transformer Engine, torchao float8) keeps bf16
+    weights and casts them to fp8 on the fly, so fp8 counts as 2."""
+    return 4 if precision == "fp32" else 2
+
+
+def activation_bytes(precision: str) -> int:
+    """Saved activations are stored in bf16 under bf16/fp8 mixed precision (fp8 copies are transient)."""
+    return 4 if precision == "fp32" else 2
+
+
+def grad_bytes(spec: Spec) -> int:
+    return 4 if spec.training.precision == "fp32" else (4 if spec.training.grad_dtype == "fp32" else 2)
+
+
+def optimizer_bytes(spec: Spec) -> int:
+    """ZeRO §3.1 'K': fp32 master copy (mixed precision only) + Adam's two fp32 moments."""
+    master = 0 if spec.training.precision == "fp32" else 4
+    moments = 0 if spec.training.optimizer == "sgd" else 8
+    return master + moments
+
+
+# ---- parameters per GPU ----------------------------------------------------------------------------------
+def padded_vocab(m: ModelSpec, tp: int) -> int:
+    return math.ceil(m.vocab / tp) * tp
+
+
+def layer_params_per_gpu(m: ModelSpec, tp: int) -> int:
+    """One layer's parameters on one TP rank: weights and column-parallel biases split, the rest replicated."""
+    h, f, q, kv = m.hidden, m.ffn_hidden, m.q_dim, m.kv_dim
+    n_in = 2 if m.gated else 1
+    split = h * q + 2 * h * kv + q * h + (n_in + 1) * h * f          # Wq, Wk, Wv, Wo, MLP weights
+    replicated = 2 * m.norm_params()
+    if m.bias:
+        split += q + 2 * kv + n_in * f                                  # column-parallel biases
+        replicated += 2 * h                                             # row-parallel biases (Wo, down/fc2)
+    assert split % tp == 0, "validated specs have tp dividing heads, kv_heads and ffn_hidden"
+    return split // tp + replicated
+
+
+def stage_params_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int) -> int:
+    """Parameters of pipeline stage `stage` on one TP rank, before any ZeRO sharding."""
+    n = (m.layers // pp) * layer_params_per_gpu(m, tp)
+    table = padded_vocab(m, tp) // tp * m.hidden                       # vocabulary-parallel embedding shard
+    if stage == 0:
+        n += table + (m.seq_len * m.hidden if m.position == "learned" else 0)
+    if stage == pp - 1:
+        n += m.norm_params()
+        if not m.tied_embeddings or pp > 1:
+            n += table                                                  # the head, or the tied copy (pp > 1)
+    return n
+
+
+def _units_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int) -> list[int]:
+    """The separately gathered pieces under ZeRO-3 (FSDP wraps each layer, the embedding and the head)."""
+    table = padded_vocab(m, tp) // tp * m.hidden
+    units = [layer_params_per_gpu(m, tp)] if m.layers // pp else []
+    if stage == 0:
+        units.append(table + (m.seq_len * m.hidden if m.position == "learned" else 0))
+    if stage == pp - 1 and (not m.tied_embeddings or pp > 1):
+        units.append(table + m.norm_params())
+    return units
+
+
+def _shard(n: int, ways: int) -> int:
+    return -(-n // ways)
+
+
+# ---- buffers ---------------------------------------------------------------------------------------------
+def _comm_buffers(spec: Spec, stage: int, tokens: float) -> int:
+    """Communication buffers beyond the model states.
+
+    - ZeRO 0-2 with dp·cp > 1: gradient buckets, 2 × bucket_MB (one being filled while the previous one is
+      reduced: PyTorch DDP's bucketing, Li et al. 2020 §3.2.3; Megatron's overlapped grad reduce).
+    - ZeRO-3: the gathered parameters of the layer being computed plus the prefetched next one (the two largest
+      FSDP units of the stage), and one unit's unsharded gradient before its reduce-scatter (FSDP, Zhao et al.
+      2023 §3.2; ZeRO §5.3). Counted even when dp·cp = 1: FSDP still materialises unsharded parameters.
+    - ZeRO-3 with pp > 1: a stage runs many micro-batches per step, and re-gathering its parameters for each
+      would multiply all-gather traffic by m, so the gathered parameters stay unsharded for the whole step and
+      gradients accumulate unsharded until the last micro-batch's reduce-scatter (torchtitan's FSDP under
+      pipeline parallelism: reshard_after_forward is off when pp is on, and torch.distributed.pipelining only
+      syncs gradients on the last backward; DeepSpeed forbids ZeRO-3 with PP for this reason). So the whole
+      stage's parameters (param bytes) and gradients (grad bytes) are counted unsharded.
+    - CP > 1: ring attention's send and receive K/V blocks, 2 × (K + V) of the local sequence (Liu et al. 2023,
+      Ring Attention; Megatron/TE's context-parallel attention double-buffers them).
+    """
+    p, t, m = spec.plan, spec.training, spec.model
+    total = 0.0
+    if p.zero == 3 and p.pp > 1:
+        n = stage_params_per_gpu(m, p.pp, p.tp, stage)
+        total += n * (param_bytes(t.precision) + grad_bytes(spec))
+    elif p.zero == 3:
+        units = sorted(_units_per_gpu(m, p.pp, p.tp, stage), reverse=True)
+        total += sum(units[:2]) * param_bytes(t.precision) + units[0] * grad_bytes(spec)
+    elif p.dp * p.cp > 1:
+        total += 2 * p.bucket_MB * MiB
+    if p.cp > 1:
+        total += 2 * 2 * tokens * m.kv_dim / p.tp * activation_bytes(t.precision)
+    return int(total)
+
+
+def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int) -> tuple[float, float]:
+    """Last stage, per micro-batch in flight and as a one-off transient.
+
+    Saved until the backward (Korthikanti §4.3, Megatron's 4·sbh·(1 + v/h) for the output layer): the final
+    norm's input and output (2·sbh each, sharded under SP) and the fp32 log-softmax output the cross-entropy
+    backward needs (4·sb·v, vocabulary-parallel so divided by tp).
+    Transient, once (unfused PyTorch cross-entropy on fp32 logits, as torchtitan and nanoGPT run it): in the loss
+    backward the gradient of the log-probs and the gradient of the fp32 logits, 4·sb·v each, coexist with the
+    saved log-probs. Megatron's fused vocab-parallel cross-entropy needs less; Loom states the larger figure.
+    """
+    v = padded_vocab(m, tp) / tp
+    saved = 2 * act * tokens * m.hidden / (tp if sp else 1) + FP32 * tokens * v
+    transient = 2 * FP32 * tokens * v
+    return saved, transient
+
+
+# ---- the report --------------------------------------------------------------------------------------------
+def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DEFAULT) -> StageMemory:
+    p, t, m = spec.plan, spec.training, spec.model
+    shard = p.dp * p.cp
+    n = stage_params_per_gpu(m, p.pp, p.tp, stage)
+    params = (_shard(n, shard) if p.zero == 3 else n) * param_bytes(t.precision)
+    grads = (_shard(n, shard) if p.zero >= 2 else n) * grad_bytes(spec)
+    optimizer = (_shard(n, shard) if p.zero >= 1 else n) * optimizer_bytes(spec)
+
+    act = activation_bytes(t.precision)
+    tokens = m.seq_len / p.cp * t.micro_batch          # tokens of one micro-batch on one rank
+    layers = m.layers // p.pp
+    chunk_layers = layers // p.vpp
+    m_steps = spec.micro_batches
+    chunk_fwds = chunk_microbatches_in_flight(p.schedule, p.pp, stage, m_steps, p.vpp)
+    in_flight = chunk_fwds * chunk_layers / layers if layers else 0.0      # in whole-stage micro-batches
+    per_layer = layer_bytes(m, tokens, act, p.tp, p.sp, t.recompute, assumptions)
+    activations = chunk_fwds * chunk_layers * per_layer
+
+    whole_mbs = math.ceil(in_flight) if layers else min(p.pp - stage, m_steps)
+    embedding = 0.0
+    if stage == 0:
+        # token ids, int64; with dropout the embedding-dropout mask (Korthikanti §4.3: sbh·p/t with SP)
+        embedding = whole_mbs * (TOKEN_ID_BYTES * tokens
+                                 + (MASK_BYTES * tokens * m.hidden / (p.tp if p.sp else 1)
+                                    if assumptions.dropout else 0))
+    logits = workspace = 0.0
+    if stage == p.pp - 1:
+        saved, transient = _logits_bytes(m, tokens, p.tp, p.sp, act)
+        last_mbs = m_steps if p.schedule == "afab" else 1                 # 1F1B: the last stage holds one
+        logits = last_mbs * saved
+        workspace = transient
+    if t.recompute == "full" and layers:
+        workspace = max(workspace, full_layer_bytes(m, tokens, act, p.tp, p.sp, assumptions))
+
+    comm = _comm_buffers(spec, stage, tokens)
+    allocated = params + grads + optimizer + activations + embedding + logits + workspace + comm
+    overhead = CUDA_CONTEXT_BYTES + FRAGMENTATION * allocated
+    return StageMemory(stage=stage, layers=layers, microbatches_in_flight=in_flight, params=int(params),
+                       grads=int(grads), optimizer=int(optimizer), activations=int(activations),
+                       embedding_buffers=int(embedding), logits_buffers=int(logits), workspace=int(workspace),
+                       comm_buffers=comm, overhead=int(overhead), peak=int(allocated + overhead))
+
+
+def memory_report(spec: Spec, assumptions: ActivationAssumptions = DEFAULT) -> MemoryReport:
+    """Memory per GPU of every pipeline stage of a validated spec with a concrete parallel plan."""
+    stages = [stage_memory(spec, i, assumptions) for i in range(spec.plan.pp)]
+    gpu = spec.gpu
+    peak = max(s.peak for s in stages)
+    return MemoryReport(per_stage=stages, peak_bytes=peak, hbm_bytes=gpu.hbm_bytes, fits=peak <= gpu.hbm_bytes,
+                        headroom_bytes=gpu.hbm_bytes - peak, gpu=gpu.name)
