@@ -41,7 +41,7 @@ GiB = 2**30
 # - CUDA context plus library workspaces (cuBLAS/cuDNN handles, NCCL communicator buffers): the PyTorch CUDA
 #   context alone takes roughly 0.3-0.6 GiB on an H100 (depends on the CUDA version and lazy module loading),
 #   NCCL's default 4 MiB buffers per channel and peer and the cuBLAS workspaces add a few hundred MiB: 1 GiB.
-#   This memory is not seen by torch.cuda.max_memory_reserved().
+#   This memory is not seen by torch.cuda.max_memory_reserved(). Not counted on the "cpu" device.
 CUDA_CONTEXT_BYTES = 1 * GiB
 # - Caching-allocator fragmentation: 5 % on top of what is allocated, Megatron-LM's own allowance
 #   ("overhead_factor = 1.05", megatron/training/theoretical_memory_usage.py).
@@ -247,7 +247,8 @@ def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DE
 
     comm = _comm_buffers(spec, stage, tokens)
     allocated = params + grads + optimizer + activations + embedding + logits + workspace + comm
-    overhead = CUDA_CONTEXT_BYTES + FRAGMENTATION * allocated
+    context = CUDA_CONTEXT_BYTES if spec.gpu.device == "cuda" else 0     # the CPU target has no CUDA context
+    overhead = context + FRAGMENTATION * allocated
     return StageMemory(stage=stage, layers=layers, microbatches_in_flight=in_flight, params=int(params),
                        grads=int(grads), optimizer=int(optimizer), activations=int(activations),
                        embedding_buffers=int(embedding), logits_buffers=int(logits), workspace=int(workspace),

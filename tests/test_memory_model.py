@@ -237,3 +237,12 @@ def test_llama3_405b_example_stage_count_and_tokens():
     assert (s.plan.tp, s.plan.pp, s.plan.dp, s.plan.cp) == (8, 16, 128, 1)
     assert s.world_size == 16384 and s.tokens_per_step == 2048 * 8192   # 16M tokens per step
     assert math.isclose(s.model.layers / s.plan.pp, 8)
+
+
+def test_overhead_is_context_plus_fragmentation():
+    from loom.simulator.memory import CUDA_CONTEXT_BYTES, FRAGMENTATION
+    s = memory_report(spec(LLAMA8, 8, {"dp": 8, "zero": 3})).per_stage[0]
+    allocated = s.peak - s.overhead
+    assert s.overhead == pytest.approx(CUDA_CONTEXT_BYTES + FRAGMENTATION * allocated, abs=2)
+    cpu = memory_report(spec({"preset": "gpt2-124m"}, 1, {"dp": 1}, {"precision": "fp32"}, gpu="cpu")).per_stage[0]
+    assert cpu.overhead == pytest.approx(FRAGMENTATION * (cpu.peak - cpu.overhead), abs=2)
