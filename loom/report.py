@@ -10,11 +10,11 @@ from loom.spec.spec import Spec
 
 
 def _time_report(spec: Spec, price_per_gpu_hour: float | None):
-    try:
-        from loom.simulator import simulate_time
-    except ImportError:
-        return None
-    return simulate_time(spec, price_per_gpu_hour=price_per_gpu_hour)
+    from loom.simulator import simulate_time
+    if price_per_gpu_hour is not None:
+        cluster = spec.cluster.model_copy(update={"price_per_gpu_hour": price_per_gpu_hour})
+        spec = spec.model_copy(update={"cluster": cluster})
+    return simulate_time(spec)
 
 
 def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_path: str | None = None,
@@ -37,7 +37,7 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
             write_chrome_trace(timing, trace_path)
             out["trace"] = trace_path
         if plot_path:
-            from loom.simulator.plot import plot_schedule
+            from loom.simulator.trace import plot_schedule
             plot_schedule(timing, plot_path)
             out["plot"] = plot_path
     return out
@@ -47,11 +47,13 @@ def format_report(spec: Spec, r: dict[str, Any]) -> str:
     mem = r["memory"]
     lines = [f"{r['model']}: {human_count(r['params'])} parameters on {r['gpus']} × {r['gpu']}"]
     rows = []
+    cols = [k for k in _MEM_COLUMNS if k in mem["per_stage"][0]]
     for i, st in enumerate(mem["per_stage"]):
-        rows.append([st.get("stage", i)] + [gib(st[k]) for k in _MEM_COLUMNS if k in st])
-    headers = ["stage"] + [k for k in _MEM_COLUMNS if mem["per_stage"] and k in mem["per_stage"][0]]
+        rows.append([st.get("stage", i), st.get("layers", ""), st.get("microbatches_in_flight", "")]
+                    + [gib(st[k]) for k in cols])
+    headers = ["stage", "layers", "mb in flight"] + cols
     lines.append("\nMemory per GPU (GiB)")
-    lines.append(tabulate(rows, headers=[h.replace("_bytes", "") for h in headers], tablefmt="github"))
+    lines.append(tabulate(rows, headers=headers, tablefmt="github"))
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
     lines.append(f"peak {gib(mem['peak_bytes'])} GiB of {gib(mem['hbm_bytes'])} GiB: {verdict} "
                  f"(headroom {gib(mem['headroom_bytes'])} GiB)")
@@ -70,5 +72,5 @@ def format_report(spec: Spec, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_MEM_COLUMNS = ["params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "embedding_logits_bytes",
-                "comm_buffers_bytes", "overhead_bytes", "peak_bytes"]
+_MEM_COLUMNS = ["params", "grads", "optimizer", "activations", "embedding_buffers", "logits_buffers", "workspace",
+                "comm_buffers", "overhead", "peak"]

@@ -65,7 +65,8 @@ def test_simulate_json_contract(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["params"] == 8_030_261_248
     mem = r["memory"]
-    assert mem["peak_bytes"] == max(s["peak_bytes"] for s in mem["per_stage"])
+    assert mem["peak_bytes"] == max(s["peak"] for s in mem["per_stage"])
+    assert r["step_time_s"] > 0 and 0 < r["mfu"] < 1 and set(r["exposed_comm_s"]) == {"tp", "cp", "pp", "dp"}
     assert isinstance(mem["fits"], bool) and len(mem["per_stage"]) == 1
 
 
