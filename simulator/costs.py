@@ -1,7 +1,7 @@
 """Cost of one op in seconds: compute by FLOPs and efficiency, memory-bound work by bytes, collectives by α-β.
 
 Compute op: t = (flops - attn_flops) / (peak · e_gemm) + attn_flops / (peak_attn · e_attn) + mem_bytes / (HBM ·
-hbm_efficiency) + layers · compute_overhead_s. e_gemm is the FLOP-weighted harmonic mean of the efficiencies of
+hbm_efficiency) · elementwise_traffic (1 for the optimizer) + layers · compute_overhead_s. e_gemm is the FLOP-weighted harmonic mean of the efficiencies of
 one layer's GEMMs at their per-rank shapes (M = b·s/cp tokens; N, K = hidden and the TP-sharded projection
 widths), so the time is Σ flops_i / (peak · e_i). With fp8 the GEMMs run at the fp8 peak, attention at bf16.
 
@@ -64,7 +64,8 @@ class CostModel:
         t = gemm / (self.peak_gemm * self.e_gemm) if gemm > 0 else 0.0
         if op.attn_flops > 0:
             t += op.attn_flops / (self.peak_attn * self.e_attn)
-        t += op.mem_bytes / self.hbm
+        traffic = 1.0 if op.kind == OpKind.OPTIMIZER else self.hw.elementwise_traffic
+        t += op.mem_bytes * traffic / self.hbm
         return t + len(op.layers) * self.hw.compute_overhead_s
 
     def comm_time(self, op: Op) -> float:

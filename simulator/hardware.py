@@ -10,9 +10,19 @@
   a GEMM whose smallest side is 1024 runs at 89 % of the cap (wave/tile quantisation; an assumption to calibrate).
 - Attention (causal FLOPs counted as half the square, the FlashAttention convention, as in ModelSpec):
   efficiency = attn_eff_max · s/(s + attn_half_seq) · d/(d + attn_half_dim), s the per-rank sequence of one
-  call and d the head dim. The three constants reproduce the baseline's cuDNN SDPA fwd+bwd on H200 (354 TFLOP/s at
-  s=2048 d=128, 515 at s=8192 d=128, 291 at s=2048 d=64: 0.358, 0.520, 0.294 of 989.4) exactly. A100 caps at
-  0.72 (FlashAttention-2 paper, Dao 2023, §4.1: fwd+bwd up to 225 TFLOP/s of 312) with Hopper's shape constants.
+  call and d the head dim. Default kernel: FlashAttention-2 (torch SDPA's flash backend, what MosaicML and
+  torchtitan run). Its three constants reproduce the baseline's flash-backend fwd+bwd on H200 exactly (209 TFLOP/s
+  at s=2048 d=128, 280 at s=8192 d=128, 189 at s=2048 d=64: 0.211, 0.283, 0.191 of 989.4): FA2 is not tuned for
+  Hopper and caps near 0.36 there (FA3 paper, Shah et al. 2024 §4.1, reports the same 35 % for FA2 on H100).
+  A100 caps at 0.72 (FlashAttention-2 paper, Dao 2023, §4.1: fwd+bwd up to 225 TFLOP/s of 312) with the same
+  shape constants. `ATTENTION_KERNELS["cudnn_hopper"]` holds the baseline's cuDNN fit (354 / 515 / 291 TFLOP/s
+  at the same shapes, exact) for stacks that use it (Megatron-LM with TransformerEngine).
+- Elementwise traffic: the compiler counts the HBM bytes of *fused* norms, activations, residuals and RoPE.
+  Eager PyTorch runs each of them as separate kernels (casts, fp32 upcasts in norms, transposes around attention)
+  and moves more. `elementwise_traffic` multiplies the forward/backward/recompute bytes; its default 2.84 is the
+  one value that makes the simulator reproduce the shared H200 baseline's eager step (Llama 1.5B, 0.180 s); with
+  1.0 the simulator gives 0.142 s against the baseline's torch.compile step of 0.141 s, an independent check of
+  the fused accounting (tests/test_sim_calibration.py). Set it to 1.0 for compiled/fused stacks.
 - HBM: memory-bound ops reach hbm_efficiency of the datasheet bandwidth (baseline: device copy 4.06 of 4.8 TB/s
   = 0.846).
 - Network: comm_efficiency = achieved bus bandwidth / link bandwidth for large messages. 0.8 is an assumption in
@@ -27,7 +37,11 @@ from dataclasses import dataclass
 from loom.spec.gpus import GPU
 
 _GEMM_CAP = {"A100-40GB": 0.859, "A100-80GB": 0.859, "H100-SXM": 0.801, "H200": 0.801, "B200": 0.801}
-_ATTN_CAP = {"A100-40GB": 0.72, "A100-80GB": 0.72, "H100-SXM": 0.779, "H200": 0.779, "B200": 0.779}
+# (attn_eff_max, attn_half_seq, attn_half_dim), fitted as the module docstring says.
+ATTENTION_KERNELS = {"flash2_hopper": (0.357, 1049.0, 15.1), "flash2_ampere": (0.72, 1049.0, 15.1),
+                     "cudnn_hopper": (0.779, 1459.0, 34.7)}
+_ATTN = {"A100-40GB": "flash2_ampere", "A100-80GB": "flash2_ampere", "H100-SXM": "flash2_hopper",
+         "H200": "flash2_hopper", "B200": "flash2_hopper"}
 
 
 @dataclass(frozen=True)
@@ -41,21 +55,23 @@ class HardwareProfile:
     inter_node_latency_s: float
     gemm_eff_max: float = 0.801
     gemm_half_dim: float = 128.0
-    attn_eff_max: float = 0.779
-    attn_half_seq: float = 1459.0
-    attn_half_dim: float = 34.7
+    attn_eff_max: float = 0.357
+    attn_half_seq: float = 1049.0
+    attn_half_dim: float = 15.1
     hbm_efficiency: float = 0.846
     comm_efficiency: float = 0.8
+    elementwise_traffic: float = 2.84    # eager PyTorch; 1.0 = fused (torch.compile)
     compute_overhead_s: float = 0.0      # fixed cost per layer per compute op (kernel launches); calibrate
 
     @classmethod
     def from_gpu(cls, gpu: GPU) -> "HardwareProfile":
         cpu = gpu.device == "cpu"
+        a_max, a_seq, a_dim = ATTENTION_KERNELS[_ATTN.get(gpu.name, "flash2_hopper")]
         return cls(name=gpu.name, peak_flops=dict(gpu.peak_flops), hbm_GBps=gpu.hbm_GBps,
                    intra_node_GBps=gpu.intra_node_GBps, inter_node_GBps=gpu.inter_node_GBps,
                    intra_node_latency_s=gpu.intra_node_latency_s, inter_node_latency_s=gpu.inter_node_latency_s,
                    gemm_eff_max=_GEMM_CAP.get(gpu.name, 0.5 if cpu else 0.801),
-                   attn_eff_max=_ATTN_CAP.get(gpu.name, 0.3 if cpu else 0.779))
+                   attn_eff_max=0.3 if cpu else a_max, attn_half_seq=a_seq, attn_half_dim=a_dim)
 
     @classmethod
     def resolve(cls, gpu: GPU, profile: "HardwareProfile | dict | None") -> "HardwareProfile":

@@ -16,9 +16,12 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
 - DP: gradient buckets of bucket_MB in reverse layer order (PyTorch DDP, Li et al. 2020 §3.2.3), per chunk (as
   Megatron keeps one buffer per model chunk); all-reduce with ZeRO-0; reduce-scatter with ZeRO >= 1 (Megatron's
   distributed optimizer reduce-scatters for ZeRO-1 too, then all-gathers updated params after the step).
-  Gradients are reduced once per step, after the last micro-batch (DDP no_sync / Megatron accumulation).
+  ZeRO-0/1 reduce once per step, after the last micro-batch (DDP no_sync / Megatron's accumulation buffer);
+  ZeRO-2/3 hold only a gradient shard, so they reduce-scatter after every micro-batch (FSDP's default under
+  gradient accumulation; DeepSpeed ZeRO-2 likewise) - except with PP, where they reduce once per step.
 - ZeRO-3 (Rajbhandari et al. 2020 §5; FSDP): every chunk's parameters are all-gathered (one call per layer)
-  before its forward and again before its backward, prefetched one op ahead.
+  before its forward and again before its backward, prefetched one op ahead; with PP once per step per chunk
+  (torchtitan keeps PP chunks unsharded between micro-batches).
 Ring collective volumes per rank (Patarasuk & Yuan 2009; NCCL docs "Collective operations"/nccl-tests
 PERFORMANCE.md): all-reduce 2(n-1)/n·B, all-gather and reduce-scatter (n-1)/n·B, with B the full tensor.
 """
@@ -83,6 +86,13 @@ class _Shapes:
         replicated = (4 * h + 6 * h) / (p.tp if p.sp else 1)
         sharded = ((3 * f if m.gated else 2 * f) + 2 * (m.q_dim + m.kv_dim)) / p.tp
         self.layer_mem = (replicated + sharded) * self.ab
+        if t.precision == "fp8":
+            # Dynamic-scaled fp8 GEMMs (torchao float8 / TransformerEngine): each GEMM input is read once for its
+            # amax and once to cast, and written in fp8: 2·ab + 1 bytes per element. Forward inputs: h (QKV),
+            # q_dim (output proj), h (MLP in), f (MLP out); /tp where sharded. (The backward casts its output
+            # gradients likewise; it is charged 2× the forward's bytes like the rest.)
+            cast_in = (2 * h / (p.tp if p.sp else 1) + (m.q_dim + f) / p.tp)
+            self.layer_mem += cast_in * (2 * self.ab + 1)
         # Cross-entropy over vocab-parallel logits: write logits, then ~3 fp32 passes (max, exp-sum, grad).
         self.head_mem = m.vocab / p.tp * (self.ab + 12)
         self.act_msg = self.tokens / p.cp * h * self.ab           # one full activation of this CP rank
@@ -172,6 +182,7 @@ def compile_plan(spec) -> Plan:
 
     for s in range(pp):
         last_b = {c: max(i for i, a in enumerate(sched[s]) if a.kind == "B" and a.chunk == c) for c in range(v)}
+        first_f = {c: min(i for i, a in enumerate(sched[s]) if a.kind == "F" and a.chunk == c) for c in range(v)}
         pending_recv: int | None = None
         for idx, a in enumerate(sched[s]):
             c, mb = a.chunk, a.microbatch
@@ -200,7 +211,10 @@ def compile_plan(spec) -> Plan:
             if a.kind == "B":
                 before.append(tails[("F", s, c, mb)])
             zero3 = None
-            if par.zero == 3 and par.dp > 1:
+            # ZeRO-3 without PP re-gathers a chunk before every forward and backward (FSDP reshard_after_forward);
+            # with PP the gathered chunk stays for the whole step (torchtitan turns resharding off under PP, else
+            # every micro-batch would gather again), so only the first forward of each chunk gathers.
+            if par.zero == 3 and par.dp > 1 and (pp == 1 or idx == first_f[c]):
                 msg = sh.chunk_params(layers, first, last) * sh.pb / max(n, 1)
                 zero3 = b.collective(s, OpKind.ZERO_ALLGATHER, max(n, 1), msg, **common)
                 if main_compute.get(s):
@@ -244,7 +258,10 @@ def compile_plan(spec) -> Plan:
                     compute(OpKind.RECOMPUTE, *r, cp_steps)
                 main = compute(OpKind.BACKWARD, 2 * f_flops, 2 * f_attn, 2 * f_mem, 2 * cp_steps)
                 tails[("B", s, c, mb)] = group_ops[-1]
-                if idx == last_b[c] and par.dp > 1:
+                # ZeRO-0/1 accumulate full gradients and reduce once per step; ZeRO-2/3 keep only a shard, so
+                # they reduce-scatter after every micro-batch's backward (FSDP without no_sync; DeepSpeed ZeRO-2),
+                # except under PP, where the unsharded chunk and its gradients stay for the step (see above).
+                if par.dp > 1 and (idx == last_b[c] or (par.zero >= 2 and pp == 1)):
                     dp_ops.setdefault(s, []).extend(_buckets(b, s, c, layers, first, last, main))
             main_compute.setdefault(s, []).append(main)
 

@@ -57,7 +57,7 @@ _DIM = {OpKind.TP_ALLREDUCE: "tp", OpKind.SP_ALLGATHER: "tp", OpKind.SP_REDUCESC
         OpKind.ZERO_ALLGATHER: "dp"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Op:
     """One unit of work of one rank class. All quantities are per rank (one GPU of the class), for the whole op.
 

@@ -80,11 +80,24 @@ def test_zero_volumes_are_closed_form(zero):
     n, N = 4, spec.model.param_count()
     rs = sum(o.wire_bytes for o in plan.ops() if o.kind == OpKind.DP_REDUCESCATTER)
     ag = sum(o.wire_bytes for o in plan.ops() if o.kind == OpKind.ZERO_ALLGATHER)
-    assert rs == pytest.approx((n - 1) / n * 4 * N)     # fp32 grads reduce-scattered once per step
+    # fp32 grads reduce-scattered once per step (ZeRO-1) or after each of the 2 micro-batches (ZeRO-2/3).
+    assert rs == pytest.approx((1 if zero == 1 else 2) * (n - 1) / n * 4 * N)
     # ZeRO-1/2: bf16 params gathered once after the step; ZeRO-3: before every forward and backward of every
     # micro-batch (2 micro-batches × 2 passes), FSDP without reshard-after-forward disabled.
     passes = 1 if zero < 3 else 2 * 2
     assert ag == pytest.approx(passes * (n - 1) / n * 2 * N)
+
+
+def test_zero3_with_pp_gathers_once_per_chunk_and_reduces_once():
+    spec = make(dp=2, pp=2, global_batch=8, zero=3)     # 4 micro-batches per replica
+    plan = compile_plan(spec)
+    for s in range(2):
+        ops = plan.program(s)
+        assert sum(o.kind == OpKind.ZERO_ALLGATHER for o in ops) == 1
+        rs = [o for o in ops if o.kind == OpKind.DP_REDUCESCATTER]
+        assert {o.microbatch for o in rs} == {-1} and sum(o.wire_bytes for o in rs) > 0
+        last_b = max(i for i, o in enumerate(ops) if o.kind == OpKind.BACKWARD)
+        assert all(o.order > last_b for o in rs)
 
 
 @pytest.mark.parametrize("sp", [False, True])
