@@ -34,7 +34,7 @@ _LN2 = 0.6931471805599453
 # --------------------------------------------------------------------------- forward
 def _attn_fwd(Q, K, V, O, LSE,
               sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
-              H, GROUP, SEQ_Q, SEQ_K, OFFSET, qk_scale,
+              H, GROUP, SEQ_Q, SEQ_K, OFFSET, qk_scale, TUNE_BUCKET,
               CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -122,7 +122,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                    sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s,
-                   H, KV_H, GROUP, SEQ_Q, SEQ_K, OFFSET, sm_scale,
+                   H, KV_H, GROUP, SEQ_Q, SEQ_K, OFFSET, sm_scale, TUNE_BUCKET,
                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
@@ -195,7 +195,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                  sdq_b, sdq_h, sdq_s,
-                 H, GROUP, SEQ_Q, SEQ_K, OFFSET, sm_scale,
+                 H, GROUP, SEQ_Q, SEQ_K, OFFSET, sm_scale, TUNE_BUCKET,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -263,15 +263,22 @@ def _configs(pairs: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple
 
 # Hopper-oriented sweeps; the interpreter uses small fixed blocks (BLOCK_M != BLOCK_N on
 # purpose, so the lo/mid/hi block arithmetic is exercised with unequal tiles).
-_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "CAUSAL"]
-_fwd = LazyKernel(_attn_fwd, configs=_configs([(128, 64), (128, 128)], (4, 8), (2, 3)), key=_KEY,
+# Autotune once per power-of-two length bucket (TUNE_BUCKET, unused by the kernels) rather
+# than per exact length, so variable-length batches do not re-tune on every call.
+_KEY = ["TUNE_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_PREC"]
+# The last, small tile of each list keeps fp32 inputs (4-byte tiles) within shared memory.
+_fwd = LazyKernel(_attn_fwd, configs=_configs([(128, 64), (128, 128), (64, 32)], (4, 8), (2, 3)), key=_KEY,
                   interpret={"BLOCK_M": 32, "BLOCK_N": 16})
 _bwd_pre = LazyKernel(_attn_bwd_preprocess, fixed={"BLOCK_M": 64, "num_warps": 4},
                       interpret={"BLOCK_M": 32})
-_bwd_dkdv = LazyKernel(_attn_bwd_dkdv, configs=_configs([(64, 128), (32, 128), (64, 64)], (4, 8), (2, 3)),
+_bwd_dkdv = LazyKernel(_attn_bwd_dkdv, configs=_configs([(64, 128), (32, 128), (64, 64), (32, 32)], (4, 8), (2, 3)),
                        key=_KEY, interpret={"BLOCK_M": 16, "BLOCK_N": 32})
-_bwd_dq = LazyKernel(_attn_bwd_dq, configs=_configs([(128, 64), (64, 64), (128, 32)], (4, 8), (2, 3)),
+_bwd_dq = LazyKernel(_attn_bwd_dq, configs=_configs([(128, 64), (64, 64), (128, 32), (32, 32)], (4, 8), (2, 3)),
                      key=_KEY, interpret={"BLOCK_M": 32, "BLOCK_N": 16})
+
+
+def _bucket(sq: int, sk: int) -> int:
+    return min(next_pow2(max(sq, sk)), 1 << 16)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -296,7 +303,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         lse = alloc((b, h, sq), dtype=torch.float32, device=q.device)
         grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)  # noqa: E731
         _fwd(grid, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-             h, h // kvh, sq, sk, causal_offset, sm_scale * _LOG2E,
+             h, h // kvh, sq, sk, causal_offset, sm_scale * _LOG2E, _bucket(sq, sk),
              CAUSAL=causal, HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), DOT_PREC=dot_precision(q.dtype))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.set_materialize_grads(False)  # an unused lse then arrives as None: skip its load
@@ -324,12 +331,12 @@ class FlashAttentionFunction(torch.autograd.Function):
         _bwd_dkdv(lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * kvh),
                   q, k, v, do, lse, delta, dk, dv,
                   *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                  h, kvh, h // kvh, sq, sk, ctx.offset, ctx.sm_scale,
+                  h, kvh, h // kvh, sq, sk, ctx.offset, ctx.sm_scale, _bucket(sq, sk),
                   CAUSAL=ctx.causal, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=prec)
         _bwd_dq(lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h),
                 q, k, v, do, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                h, h // kvh, sq, sk, ctx.offset, ctx.sm_scale,
+                h, h // kvh, sq, sk, ctx.offset, ctx.sm_scale, _bucket(sq, sk),
                 CAUSAL=ctx.causal, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=prec)
         return dq, dk, dv, None, None, None
 
