@@ -6,7 +6,8 @@ twins with ``set_backend("torch")`` or ``LOOM_KERNELS=torch``.  Without an impor
 Triton everything uses the twins.
 """
 from ._dispatch import HAS_TRITON, get_backend, set_backend
-from .flash_attention import flash_attention, flash_attention_with_lse, merge_attention_partials
+from .flash_attention import (flash_attention, flash_attention_backward, flash_attention_forward,
+                              flash_attention_with_lse, merge_attention_partials)
 from .fused_linear_ce import fused_linear_cross_entropy
 from .rmsnorm import rms_norm
 from .rope import apply_rope
@@ -19,6 +20,8 @@ __all__ = [
     "flash_attention",
     "flash_attention_with_lse",
     "merge_attention_partials",
+    "flash_attention_forward",
+    "flash_attention_backward",
     "rms_norm",
     "apply_rope",
     "swiglu",

@@ -289,6 +289,48 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# ------------------------------------------------------------- launch wrappers
+def _triton_forward(q, k, v, causal: bool, offset: int, sm_scale: float):
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    b, h, sq, d = q.shape
+    kvh, sk = k.shape[1], k.shape[2]
+    o = alloc((b, h, sq, d), dtype=q.dtype, device=q.device)
+    lse = alloc((b, h, sq), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _fwd(grid, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+         h, h // kvh, sq, sk, offset, sm_scale * _LOG2E, _bucket(sq, sk),
+         CAUSAL=causal, HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), DOT_PREC=dot_precision(q.dtype))
+    return o, lse
+
+
+def _triton_backward(do, q, k, v, o, lse, dlse, causal: bool, offset: int, sm_scale: float):
+    q, k, v, o, do = _prep(q), _prep(k), _prep(v), _prep(o), _prep(do)
+    lse = lse.float().contiguous()
+    b, h, sq, d = q.shape
+    kvh, sk = k.shape[1], k.shape[2]
+    block_d = max(16, next_pow2(d))
+    prec = dot_precision(q.dtype)
+    delta = alloc((b, h, sq), dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dlse_arg = dlse.float().contiguous() if has_dlse else delta
+    _bwd_pre(lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h), o, do, dlse_arg, delta,
+             *_strides(o), *_strides(do), h, sq, HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=block_d)
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    _bwd_dkdv(lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * kvh),
+              q, k, v, do, lse, delta, dk, dv,
+              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+              h, kvh, h // kvh, sq, sk, offset, sm_scale, _bucket(sq, sk),
+              CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=prec)
+    _bwd_dq(lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h),
+            q, k, v, do, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            h, h // kvh, sq, sk, offset, sm_scale, _bucket(sq, sk),
+            CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=prec)
+    return dq, dk, dv
+
+
 # ---------------------------------------------------------------------- autograd op
 class FlashAttentionFunction(torch.autograd.Function):
     """out, lse = attention(q, k, v); both outputs differentiable."""
@@ -296,48 +338,18 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 causal_offset: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = _prep(q), _prep(k), _prep(v)
-        b, h, sq, d = q.shape
-        kvh, sk = k.shape[1], k.shape[2]
-        o = alloc((b, h, sq, d), dtype=q.dtype, device=q.device)
-        lse = alloc((b, h, sq), dtype=torch.float32, device=q.device)
-        grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _fwd(grid, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-             h, h // kvh, sq, sk, causal_offset, sm_scale * _LOG2E, _bucket(sq, sk),
-             CAUSAL=causal, HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), DOT_PREC=dot_precision(q.dtype))
+        o, lse = _triton_forward(q, k, v, causal, causal_offset, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.set_materialize_grads(False)  # an unused lse then arrives as None: skip its load
         ctx.causal, ctx.offset, ctx.sm_scale = causal, causal_offset, sm_scale
         return o, lse
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor, dlse: torch.Tensor | None):
+    def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
         q, k, v, o, lse = ctx.saved_tensors
-        b, h, sq, d = q.shape
-        kvh, sk = k.shape[1], k.shape[2]
         if do is None:
             do = torch.zeros_like(o)
-        do = _prep(do)
-        block_d = max(16, next_pow2(d))
-        prec = dot_precision(q.dtype)
-        delta = alloc((b, h, sq), dtype=torch.float32, device=q.device)
-        has_dlse = dlse is not None
-        dlse_arg = dlse.contiguous() if has_dlse else delta
-        _bwd_pre(lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h), o, do, dlse_arg, delta,
-                 *_strides(o), *_strides(do), h, sq, HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=block_d)
-        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-        dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-        dv = alloc(v.shape, dtype=v.dtype, device=v.device)
-        _bwd_dkdv(lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * kvh),
-                  q, k, v, do, lse, delta, dk, dv,
-                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                  h, kvh, h // kvh, sq, sk, ctx.offset, ctx.sm_scale, _bucket(sq, sk),
-                  CAUSAL=ctx.causal, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=prec)
-        _bwd_dq(lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h),
-                q, k, v, do, lse, delta, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-                h, h // kvh, sq, sk, ctx.offset, ctx.sm_scale, _bucket(sq, sk),
-                CAUSAL=ctx.causal, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=prec)
+        dq, dk, dv = _triton_backward(do, q, k, v, o, lse, dlse, ctx.causal, ctx.offset, ctx.sm_scale)
         return dq, dk, dv, None, None, None
 
 
@@ -349,6 +361,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"incompatible shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
 def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -362,10 +380,42 @@ def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     combine with :func:`merge_attention_partials`; gradients flow through the merge.
     """
     _check(q, k, v)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = _scale(q, softmax_scale)
     if use_triton(q, k, v):
-        return FlashAttentionFunction.apply(q, k, v, bool(causal), int(causal_offset), float(scale))
+        return FlashAttentionFunction.apply(q, k, v, bool(causal), int(causal_offset), scale)
     return reference.attention_reference(q, k, v, causal, causal_offset, scale)
+
+
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, *,
+                            causal_offset: int = 0, softmax_scale: float | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-autograd forward: ``(out, lse)``; pair with :func:`flash_attention_backward`."""
+    _check(q, k, v)
+    scale = _scale(q, softmax_scale)
+    with torch.no_grad():
+        if use_triton(q, k, v):
+            return _triton_forward(q, k, v, bool(causal), int(causal_offset), scale)
+        return reference.attention_reference(q, k, v, causal, causal_offset, scale)
+
+
+def flash_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, causal: bool = False, *,
+                             causal_offset: int = 0, softmax_scale: float | None = None,
+                             dlse: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-autograd backward: ``(dq, dk, dv)`` of one (q block, kv block) pair.
+
+    P is recomputed as exp(s - lse) and delta = rowsum(dout * out) - dlse.  Ring attention
+    can pass the *merged* ``out``/``lse`` (over all kv blocks) and the merged ``dout`` for
+    every block: P then is this block's slice of the full softmax and delta the full-row
+    value, so the returned gradients are exactly this block's share — no per-block outputs
+    need to be kept, and no dlse is needed.
+    """
+    _check(q, k, v)
+    scale = _scale(q, softmax_scale)
+    if use_triton(q, k, v):
+        return _triton_backward(dout, q, k, v, out, lse, dlse, bool(causal), int(causal_offset), scale)
+    return reference.attention_backward_reference(dout, q, k, v, out, lse, causal, causal_offset, scale, dlse)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

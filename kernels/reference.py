@@ -43,6 +43,42 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return out.reshape(b, h, sq, d).to(q.dtype), lse.reshape(b, h, sq)
 
 
+def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, causal: bool = True,
+                                 causal_offset: int = 0, softmax_scale: float | None = None,
+                                 dlse: torch.Tensor | None = None,
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA2 backward from saved (out, lse) (Dao 2023, Alg. 2), written with plain matmuls.
+
+    P = exp(S - lse); dV = P^T dO; dS = P * (dO V^T - delta), delta = rowsum(dO * O) - dlse;
+    dQ = scale * dS K; dK = scale * dS^T Q.  GQA gradients are summed over each group.
+    """
+    b, h, sq, d = q.shape
+    kvh, sk = k.shape[1], k.shape[2]
+    g = h // kvh
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    acc = _acc(q.dtype)
+    qg = q.to(acc).reshape(b, kvh, g, sq, d)
+    dog = dout.to(acc).reshape(b, kvh, g, sq, d)
+    kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
+    lse_g = lse.to(acc).reshape(b, kvh, g, sq)
+    lse_g = torch.where(torch.isinf(lse_g), torch.full_like(lse_g, float("inf")), lse_g)
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    p = torch.exp(s - lse_g[..., None])
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).reshape(b, kvh, g, sq)
+    if dlse is not None:
+        delta = delta - dlse.to(acc).reshape(b, kvh, g, sq)
+    dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
+    ds = p * (torch.matmul(dog, vg.transpose(-1, -2)) - delta[..., None])
+    dq = torch.matmul(ds, kg) * scale
+    dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).sum(2)
+    return dq.reshape(b, h, sq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim (Zhang & Sennrich 2019)."""
     acc = _acc(x.dtype)

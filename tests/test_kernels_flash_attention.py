@@ -148,3 +148,56 @@ def test_rejects_bad_shapes():
     kv = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError):
         flash_attention(q, kv, kv)
+
+
+@pytest.mark.parametrize("use_twin", [False, True])
+def test_ring_backward_with_merged_statistics(use_twin, monkeypatch):
+    """The ring-attention backward trick: each (q chunk, kv chunk) block's gradients come from
+    flash_attention_backward given the merged out / lse / dout — no per-block outputs kept.
+    Run on the Triton kernels and on the torch twin (the CPU fallback the executor uses)."""
+    from loom.kernels import flash_attention_backward, flash_attention_forward
+
+    if use_twin:
+        monkeypatch.setattr(_dispatch, "_backend", "torch")
+    g = torch.Generator().manual_seed(7)
+    b, h, kvh, c, d, n = 2, 4, 2, 13, 16, 3
+    q = torch.randn(b, h, c * n, d, generator=g)
+    k = torch.randn(b, kvh, c * n, d, generator=g)
+    v = torch.randn(b, kvh, c * n, d, generator=g)
+    dout = torch.randn(q.shape, generator=g)
+    chunk = lambda t, i: t[:, :, i * c:(i + 1) * c]  # noqa: E731
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i in range(n):
+        out, lse = flash_attention_forward(chunk(q, i), chunk(k, i), chunk(v, i), True)
+        for j in range(i):
+            o_j, l_j = flash_attention_forward(chunk(q, i), chunk(k, j), chunk(v, j), False)
+            out, lse = merge_attention_partials(out, lse, o_j, l_j)
+        for j in range(i + 1):
+            gq, gk, gv = flash_attention_backward(chunk(dout, i), chunk(q, i), chunk(k, j), chunk(v, j),
+                                                  out, lse, causal=(i == j))
+            chunk(dq, i).add_(gq)
+            chunk(dk, j).add_(gk)
+            chunk(dv, j).add_(gv)
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    ref, _ = attention_reference(qr, kr, vr, True)
+    for a, r in zip((dq, dk, dv), _grads(ref, (qr, kr, vr), dout.double())):
+        torch.testing.assert_close(a.double(), r, **TOL)
+
+
+@pytest.mark.parametrize("sq,sk,offset", [(11, 11, 0), (9, 20, 11), (20, 9, -6)])
+def test_backward_twin_matches_autograd(sq, sk, offset):
+    """attention_backward_reference (the CPU twin of flash_attention_backward), dlse included."""
+    from loom.kernels.reference import attention_backward_reference
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, sq, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, sk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, sk, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    out, lse = attention_reference(q, k, v, True, offset)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64).masked_fill(torch.isinf(lse), 0)
+    expected = _grads((out, lse), (q, k, v), (dout, dlse))
+    got = attention_backward_reference(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                                       True, offset, dlse=dlse)
+    for a, r in zip(got, expected):
+        torch.testing.assert_close(a, r)
