@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from .gpus import GPU, GiB, lookup
 from .model import ModelSpec
+from .run import DataSpec, RunSpec
 
 Precision = Literal["bf16", "fp16", "fp8", "fp32"]
 MESH_DIMS = ("pp", "dp", "cp", "tp")
@@ -111,6 +112,8 @@ class Spec(BaseModel):
     cluster: ClusterSpec
     training: TrainingSpec
     parallel: ParallelSpec | Literal["auto"] = "auto"
+    data: DataSpec | None = None                    # executor only; None: the built-in stdlib corpus
+    run: RunSpec = RunSpec()                        # executor only: steps, logging, checkpoints
 
     @property
     def world_size(self) -> int:

@@ -120,5 +120,6 @@ def check_parallel(spec: Spec) -> list[SpecIssue]:
 
 
 def check(spec: Spec) -> list[SpecIssue]:
+    from .run import check_data
     issues = check_cluster(spec)
-    return issues + check_parallel(spec)
+    return issues + check_parallel(spec) + (check_data(spec) if spec.data is not None else [])

@@ -1,0 +1,264 @@
+"""Data parallelism and ZeRO over flat parameter buffers.
+
+Parameters are grouped into units, each backed by one flat fp32 buffer (the parameters become views into it)
+and one flat gradient buffer, padded to a multiple of dp so every unit splits into dp equal shards — this is how
+parameter sizes that do not divide dp are handled. Rank r of the DP group owns shard r of every unit.
+
+- zero 0 (DDP): units are gradient buckets of ~bucket_MB in reverse registration order (the order the backward
+  produces gradients; PyTorch DDP's reducer.cpp does the same); a bucket's all-reduce is issued asynchronously
+  from a post-accumulate-grad hook as soon as its last gradient lands, overlapping the rest of the backward.
+- zero 1: the bucket's gradients are reduce-scattered (half the bytes of an all-reduce); the optimizer updates
+  only the owned shard (its states exist only for it), then each unit's parameters are all-gathered
+  (Rajbhandari et al. 2020 §5.1, P_os; Megatron-LM's distributed optimizer; the plan IR's choice too).
+- zero 2: as zero 1, but reduced after every micro-batch into the shard, and the full gradient buffer is freed
+  once reduced (P_os+g); it exists only during one micro-batch's backward (DeepSpeed ZeRO-2; the plan IR too).
+- zero 3: units are layers (plus one root unit: embedding, final norm, head). A layer's parameters are all-gathered
+  just before its forward and freed after it, gathered again when its output's gradient arrives, and freed again
+  with its gradients reduce-scattered every micro-batch (P_os+g+p; FSDP's storage-resize scheme).
+Gradient accumulation: zero 0-1 communicate only after the last micro-batch (DDP's no_sync()); zero 2-3 after
+each, accumulating into the reduced shard.
+The loss is normalised by the tokens of the whole global batch, so the DP reduction is a plain sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import comm
+from .comm import Group
+
+
+@dataclass
+class Unit:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int                          # padded to a multiple of dp
+    flat: torch.Tensor                  # full parameters (views of it are the model's parameters)
+    grad: torch.Tensor                  # full gradient accumulator
+    shard_param: torch.Tensor           # this rank's shard: a view of flat (zero <= 2) or its own tensor (zero 3)
+    shard_grad: torch.Tensor | None     # zero >= 2: the reduce-scattered shard of the gradient
+    decay: torch.Tensor                 # bool mask over this rank's shard: weight decay applies
+    count: torch.Tensor                 # bool mask over this rank's shard: counted in the global grad norm
+    index: int = 0
+    ready: int = 0
+    launched: bool = False
+    gathered: bool = True
+    in_backward: bool = False
+    pending: list = field(default_factory=list)
+    sp_params: list[tuple[int, int]] = field(default_factory=list)   # (offset, numel) of grads to sum over TP
+
+
+def _free(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def _alloc(t: torch.Tensor) -> None:
+    s = t.untyped_storage()
+    need = t.numel() * t.element_size()
+    if s.size() != need:
+        s.resize_(need)
+
+
+class DataParallel:
+    def __init__(self, model: nn.Module, dp: Group, tp: Group, zero: int, bucket_MB: float,
+                 grad_dtype: torch.dtype = torch.float32, layer_units: list[nn.Module] | None = None):
+        self.model, self.dp, self.tp, self.zero = model, dp, tp, zero
+        self.grad_dtype = grad_dtype
+        self.sync_now = True
+        params = list(dict.fromkeys(model.parameters()))
+        if zero == 3:
+            layer_units = layer_units or []
+            in_layer = {p for m in layer_units for p in m.parameters()}
+            groups = [list(m.parameters()) for m in reversed(layer_units)]
+            groups.append([p for p in params if p not in in_layer])
+        else:
+            groups, cur, cur_bytes = [], [], 0
+            for p in reversed(params):                      # backward order: last layers' grads come first
+                cur.append(p)
+                cur_bytes += p.numel() * grad_dtype.itemsize
+                if cur_bytes >= bucket_MB * 2**20:
+                    groups.append(cur)
+                    cur, cur_bytes = [], 0
+            if cur:
+                groups.append(cur)
+        self.units = [self._make_unit(g, i) for i, g in enumerate(groups) if g]
+        self.unit_of = {p: u for u in self.units for p in u.params}
+        self.index_in_unit = {p: i for u in self.units for i, p in enumerate(u.params)}
+        for p in self.unit_of:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        if zero == 3:
+            for m, u in zip(reversed(layer_units), self.units):
+                m.register_forward_pre_hook(lambda mod, args, u=u: self._gather(u))
+                m.register_forward_hook(lambda mod, args, out, u=u: self._after_forward(u, out))
+            self.root = self.units[-1]
+            for u in self.units:
+                self._release(u)
+
+    # ---- construction ------------------------------------------------------------------------------------
+    def _make_unit(self, params: list[nn.Parameter], index: int) -> Unit:
+        n, dp = sum(p.numel() for p in params), self.dp.size
+        padded = -(-n // dp) * dp
+        dev = params[0].device
+        flat = torch.zeros(padded, dtype=torch.float32, device=dev)
+        decay = torch.zeros(padded, dtype=torch.bool, device=dev)
+        count = torch.zeros(padded, dtype=torch.bool, device=dev)
+        offsets, off, sp = [], 0, []
+        for p in params:
+            k = p.numel()
+            flat[off:off + k].copy_(p.detach().reshape(-1))
+            decay[off:off + k] = getattr(p, "loom_decay", True) and p.dim() >= 2
+            # Replicated over TP: count once, on TP rank 0 (Megatron's param_is_not_tensor_parallel_duplicate).
+            count[off:off + k] = getattr(p, "loom_tp_split", False) or self.tp.rank == 0
+            if getattr(p, "loom_sp_grad", False):
+                sp.append((off, k))
+            p.data = flat[off:off + k].view_as(p)
+            offsets.append(off)
+            off += k
+        per = padded // dp
+        mine = slice(self.dp.rank * per, (self.dp.rank + 1) * per)
+        shard_param = flat[mine].clone() if self.zero == 3 and self.dp.active else flat[mine]
+        grad = torch.zeros(padded, dtype=self.grad_dtype, device=dev)
+        shard_grad = torch.zeros(per, dtype=torch.float32, device=dev) if self.zero >= 1 else None
+        return Unit(params, offsets, padded, flat, grad, shard_param, shard_grad, decay[mine].clone(),
+                    count[mine].clone(), index, sp_params=sp)
+
+    # ---- zero 3 parameter gathering ----------------------------------------------------------------------
+    def _gather(self, u: Unit) -> None:
+        if u.gathered:
+            return
+        _alloc(u.flat)
+        tag = comm.LOG.tag
+        comm.LOG.tag = f"{tag}>zero_allgather:u{u.index}"
+        comm.all_gather(u.flat, u.shard_param, self.dp)
+        comm.LOG.tag = tag
+        u.gathered = True
+
+    def _release(self, u: Unit) -> None:
+        if self.zero == 3 and u.gathered and self.dp.active:
+            _free(u.flat)
+            u.gathered = False
+
+    def _after_forward(self, u: Unit, out: torch.Tensor) -> None:
+        if u.in_backward:                                   # a recompute inside the backward: keep them
+            return
+        self._release(u)
+        if out.requires_grad:
+            out.register_hook(lambda g, u=u: self._before_backward(u))
+
+    def _before_backward(self, u: Unit) -> None:
+        u.in_backward = True
+        self._gather(u)
+
+    def gather_root(self) -> None:
+        if self.zero == 3:
+            self._gather(self.root)
+            self.root.in_backward = True                    # root stays gathered until its grads are reduced
+
+    # ---- gradients ---------------------------------------------------------------------------------------
+    def start_micro_batch(self, micro: int, n_micro: int) -> None:
+        """Call before each micro-batch's backward: communicate only on the last (zero 0, 1: DDP's no_sync), or
+        after every micro-batch (zero 2, 3: gradients accumulate in the reduced shard, as DeepSpeed does; the
+        full buffer lives only during one backward)."""
+        self.sync_now = self.zero >= 2 or micro == n_micro - 1
+        for u in self.units:
+            u.ready, u.launched = 0, False
+            if self.zero >= 2:
+                _alloc(u.grad)
+            if micro == 0 or self.zero >= 2:
+                u.grad.zero_()
+
+    def zero_grad(self) -> None:
+        """After a step: clear the reduced shards (the full buffers are zeroed by the next first micro-batch)."""
+        for u in self.units:
+            if u.shard_grad is not None:
+                u.shard_grad.zero_()
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        u = self.unit_of[p]
+        i = self.index_in_unit[p]
+        u.grad[u.offsets[i]:u.offsets[i] + p.numel()].add_(p.grad.reshape(-1))
+        p.grad = None
+        u.ready += 1
+        if u.ready == len(u.params) and self.sync_now:
+            self._launch(u)
+
+    def _launch(self, u: Unit) -> None:
+        u.launched = True
+        tag = comm.LOG.tag
+        comm.LOG.tag = f"{tag}>sp_grad_allreduce:u{u.index}"
+        for off, k in u.sp_params:                          # SP partial sums over the sequence shards
+            comm.all_reduce(u.grad[off:off + k], self.tp)
+        comm.LOG.tag = f"{tag}>" + ("dp_allreduce" if self.zero == 0 else "dp_reducescatter") + f":u{u.index}"
+        if self.zero == 0:
+            u.pending.append(comm.all_reduce(u.grad, self.dp, async_op=True))
+        else:
+            out = torch.empty(u.numel // self.dp.size, dtype=u.grad.dtype, device=u.grad.device)
+            u.pending.append((comm.reduce_scatter(out, u.grad, self.dp, async_op=True), out))
+        comm.LOG.tag = tag
+
+    def finish_backward(self) -> None:
+        """After a micro-batch's backward: flush units whose hooks did not all fire, wait, post-process."""
+        if not self.sync_now:
+            return
+        for u in self.units:
+            if not u.launched:
+                self._launch(u)
+        for u in self.units:
+            for item in u.pending:
+                if isinstance(item, tuple):
+                    work, out = item
+                    work.wait()
+                    u.shard_grad.add_(out.float())
+                    if self.zero >= 2 and self.dp.active:
+                        _free(u.grad)
+                else:
+                    item.wait()
+            u.pending.clear()
+            if self.zero == 3:
+                u.in_backward = False
+                self._release(u)
+
+    def grad_shards(self) -> list[torch.Tensor]:
+        """Each unit's reduced gradient for the parameters this rank updates (fp32)."""
+        if self.zero >= 1:
+            return [u.shard_grad for u in self.units]
+        return [u.grad if u.grad.dtype == torch.float32 else u.grad.float() for u in self.units]
+
+    def param_shards(self) -> list[torch.Tensor]:
+        return [u.shard_param if self.zero >= 1 else u.flat for u in self.units]
+
+    def masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(decay, count) masks aligned with param_shards()."""
+        if self.zero >= 1:
+            return [u.decay for u in self.units], [u.count for u in self.units]
+        return self._full_masks
+
+    @property
+    def _full_masks(self):
+        if not hasattr(self, "_fm"):
+            dec, cnt = [], []
+            for u in self.units:
+                d = torch.zeros(u.numel, dtype=torch.bool, device=u.flat.device)
+                c = torch.zeros_like(d)
+                for p, off in zip(u.params, u.offsets):
+                    d[off:off + p.numel()] = getattr(p, "loom_decay", True) and p.dim() >= 2
+                    c[off:off + p.numel()] = getattr(p, "loom_tp_split", False) or self.tp.rank == 0
+                dec.append(d)
+                cnt.append(c)
+            self._fm = (dec, cnt)
+        return self._fm
+
+    def norm_groups(self) -> list[Group]:
+        """Groups over which squared-gradient sums add up to the global norm: TP always; DP when sharded."""
+        return [self.tp] + ([self.dp] if self.zero >= 1 else [])
+
+    def gather_params(self) -> None:
+        """After the optimizer step (zero 1, 2): every rank gets the updated full parameters."""
+        if self.zero in (1, 2) and self.dp.active:
+            for u in self.units:
+                tag = comm.LOG.tag
+                comm.LOG.tag = f"{tag}>zero_allgather:u{u.index}"
+                comm.all_gather(u.flat, u.shard_param.clone(), self.dp)
+                comm.LOG.tag = tag

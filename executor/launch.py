@@ -1,0 +1,46 @@
+"""`loom run SPEC`: start one process per GPU (or per CPU "rank") through torchrun.
+
+One machine: `torchrun --standalone --nproc-per-node=<gpus_per_node> -m loom.executor.train SPEC`. Several
+machines (cluster.nodes > 1): run `loom run` on every node with LOOM_RDZV_ENDPOINT=host:port (a node all can
+reach) and optionally LOOM_RDZV_ID; torchrun's c10d rendezvous then forms the world (see docs/executor.md for
+Slurm). The backend follows the spec's device: NCCL on CUDA, gloo on the CPU target (chosen in train.py).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from loom.spec import Spec, load_spec
+
+
+def torchrun_command(spec: Spec, spec_path: str, extra_args: Sequence[str] = (),
+                     env: dict[str, str] | None = None) -> list[str]:
+    env = os.environ if env is None else env
+    nproc = spec.cluster.gpus_per_node
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if spec.cluster.nodes == 1:
+        cmd += ["--standalone", f"--nproc-per-node={nproc}"]
+    else:
+        cmd += [f"--nnodes={spec.cluster.nodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={env['LOOM_RDZV_ENDPOINT']}", f"--rdzv-id={env.get('LOOM_RDZV_ID', 'loom')}"]
+    return cmd + ["-m", "loom.executor.train", spec_path, *extra_args]
+
+
+def run_from_cli(spec_path: str, steps: int | None = None, extra_args: Sequence[str] = ()) -> int:
+    """Launch the spec's training run; returns the exit code (0 on success). Spec errors raise SpecError."""
+    spec = load_spec(spec_path)
+    if spec.parallel == "auto":
+        print('loom run: parallel = "auto" - search for a plan first (loom search) and write it into the spec',
+              file=sys.stderr)
+        return 2
+    if spec.cluster.nodes > 1 and "LOOM_RDZV_ENDPOINT" not in os.environ:
+        print(f"loom run: cluster.nodes = {spec.cluster.nodes}; start `loom run` on every node with "
+              "LOOM_RDZV_ENDPOINT=<host:port of node 0> (see docs/executor.md, multi-node)", file=sys.stderr)
+        return 2
+    args = list(extra_args) + (["--steps", str(steps)] if steps else [])
+    env = dict(os.environ)
+    if spec.gpu.device == "cpu":      # share the cores between the CPU ranks instead of oversubscribing them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.cluster.gpus_per_node)))
+    return subprocess.run(torchrun_command(spec, spec_path, args, env), env=env).returncode

@@ -1,0 +1,208 @@
+"""A Llama- or GPT-2-style decoder built per rank: this rank's TP shards of a range of layers (a pipeline stage),
+the embedding if the stage is first, the final norm and LM head if it is last.
+
+Weights are initialised full-size from (seed, parameter name) and then sliced, so every layout (dp, tp, sp, zero,
+pp later) starts from exactly the single-process model: the premise of the parity tests.
+Init: normal(0, 0.02), with the residual output projections scaled by 1/sqrt(2·layers) (GPT-2, Radford et al. 2019
+§2.3); norms one, biases zero.
+
+Context parallel (part 2) replaces `Attention.core` (q, k, v -> out, on the local sequence chunk); pipeline
+parallel builds `Decoder(first=..., last=..., layers=range(...))` per stage.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from loom.spec import ModelSpec
+
+from . import ops
+from .comm import SINGLE, Group
+from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp, mark,
+                 vocab_parallel_cross_entropy)
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    """Vocab rounded up to a multiple of tp (Megatron pads to 128·tp for kernel efficiency; here tp suffices)."""
+    return -(-vocab // tp) * tp
+
+
+@dataclass
+class BuildCtx:
+    """What a rank needs to build its part of the model."""
+    model: ModelSpec
+    tp: Group = SINGLE
+    sp: bool = False
+    recompute: str = "none"
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def full(self, name: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        """The full-size initial value of parameter `name`: the same on every rank and every layout."""
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=g) * std).to(self.device)
+
+
+class Norm(nn.Module):
+    def __init__(self, ctx: BuildCtx):
+        super().__init__()
+        m = ctx.model
+        self.eps, self.kind = m.norm_eps, m.norm
+        sp = ctx.sp and ctx.tp.active
+        self.weight = mark(nn.Parameter(torch.ones(m.hidden, device=ctx.device)), tp_split=False, sp_grad=sp, decay=False)
+        self.bias = mark(nn.Parameter(torch.zeros(m.hidden, device=ctx.device)), tp_split=False, sp_grad=sp,
+                         decay=False) if m.norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, ctx: BuildCtx, prefix: str):
+        super().__init__()
+        m, tp = ctx.model, ctx.tp
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * m.layers)
+        b = (lambda n, d: torch.zeros(d, device=ctx.device)) if m.bias else (lambda n, d: None)
+        self.q = ColumnParallelLinear(ctx.full(prefix + "q", (m.q_dim, m.hidden), std), b("q", m.q_dim), tp)
+        self.k = ColumnParallelLinear(ctx.full(prefix + "k", (m.kv_dim, m.hidden), std), b("k", m.kv_dim), tp)
+        self.v = ColumnParallelLinear(ctx.full(prefix + "v", (m.kv_dim, m.hidden), std), b("v", m.kv_dim), tp)
+        self.o = RowParallelLinear(ctx.full(prefix + "o", (m.hidden, m.q_dim), out_std), b("o", m.hidden), tp,
+                                   ctx.sp)
+        self.heads, self.kv_heads, self.d = m.heads // tp.size, m.n_kv_heads // tp.size, m.d_head
+        self.rope = m.position == "rope"
+        self.selective = ctx.recompute == "selective"
+        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = ops.attention
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        s, b, _ = x.shape                                   # x: full sequence, this rank's heads follow
+        q = self.q(x).view(s, b, self.heads, self.d).permute(1, 2, 0, 3)
+        k = self.k(x).view(s, b, self.kv_heads, self.d).permute(1, 2, 0, 3)
+        v = self.v(x).view(s, b, self.kv_heads, self.d).permute(1, 2, 0, 3)
+        if self.rope:
+            q, k = ops.apply_rope(q, k, *rope)
+        if self.selective:                                  # Korthikanti et al. 2022 §4.3: keep only q, k, v
+            out = checkpoint(self.core, q, k, v, use_reentrant=False)
+        else:
+            out = self.core(q, k, v)
+        return self.o(out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, ctx: BuildCtx, prefix: str):
+        super().__init__()
+        m, tp = ctx.model, ctx.tp
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * m.layers)
+        b = (lambda d: torch.zeros(d, device=ctx.device)) if m.bias else (lambda d: None)
+        self.gated = m.gated
+        self.up = ColumnParallelLinear(ctx.full(prefix + "up", (m.ffn_hidden, m.hidden), std), b(m.ffn_hidden), tp)
+        if self.gated:
+            self.gate = ColumnParallelLinear(ctx.full(prefix + "gate", (m.ffn_hidden, m.hidden), std),
+                                             b(m.ffn_hidden), tp)
+        self.down = RowParallelLinear(ctx.full(prefix + "down", (m.hidden, m.ffn_hidden), out_std), b(m.hidden),
+                                      tp, ctx.sp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.swiglu(self.gate(x), self.up(x)) if self.gated else ops.gelu(self.up(x))
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer. With TP: one enter/leave pair around attention and one around the MLP, i.e.
+    one all-reduce per sub-block forward and one backward (Shoeybi et al. 2019 §3)."""
+
+    def __init__(self, ctx: BuildCtx, index: int):
+        super().__init__()
+        p = f"layers.{index}."
+        self.index = index
+        self.norm1, self.attn = Norm(ctx), Attention(ctx, p + "attn.")
+        self.norm2, self.mlp = Norm(ctx), MLP(ctx, p + "mlp.")
+        self.tp, self.sp = ctx.tp, ctx.sp and ctx.tp.active
+
+    def _sub(self, x: torch.Tensor, norm: Norm, f: Callable, bias: torch.Tensor | None, *args) -> torch.Tensor:
+        y = leave_tp(f(enter_tp(norm(x), self.tp, self.sp), *args), self.tp, self.sp)
+        return x + (y if bias is None else y + bias)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = self._sub(x, self.norm1, self.attn, self.attn.o.bias, rope)
+        return self._sub(x, self.norm2, self.mlp, self.mlp.down.bias)
+
+
+class Decoder(nn.Module):
+    """This rank's part of the model. forward(ids) returns hidden states (seq_local, batch, hidden); `loss`
+    applies the final norm, the vocab-parallel head and cross-entropy."""
+
+    def __init__(self, ctx: BuildCtx, layers: range | None = None, first: bool = True, last: bool = True):
+        super().__init__()
+        m, tp = ctx.model, ctx.tp
+        self.spec, self.tp, self.sp = m, tp, ctx.sp and tp.active
+        self.first, self.last = first, last
+        self.recompute = ctx.recompute
+        self.vocab_padded = padded_vocab(m.vocab, tp.size)
+        layers = range(m.layers) if layers is None else layers
+        emb_full = None
+        if first or (last and m.tied_embeddings):
+            emb_full = ctx.full("embed", (m.vocab, m.hidden), 0.02)
+            emb_full = F.pad(emb_full, (0, 0, 0, self.vocab_padded - m.vocab))
+        if first:
+            self.embed = VocabParallelEmbedding(emb_full, tp)
+            if m.position == "learned":
+                self.pos = mark(nn.Parameter(ctx.full("pos", (m.seq_len, m.hidden), 0.01)), tp_split=False,
+                                sp_grad=self.sp)
+        self.layers = nn.ModuleList(Block(ctx, i) for i in layers)
+        if last:
+            self.norm = Norm(ctx)
+            if m.tied_embeddings and first:
+                self.head_weight = self.embed.weight
+            else:
+                w = emb_full if m.tied_embeddings else F.pad(ctx.full("head", (m.vocab, m.hidden), 0.02),
+                                                             (0, 0, 0, self.vocab_padded - m.vocab))
+                per = self.vocab_padded // tp.size
+                self.head_weight = mark(nn.Parameter(w[tp.rank * per:(tp.rank + 1) * per].clone()),
+                                        tp_split=tp.active)
+        if m.position == "rope":
+            cos, sin = ops.rope_tables(m.seq_len, m.d_head, m.rope_theta, ctx.device)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def rope(self):
+        return (self.cos, self.sin) if self.spec.position == "rope" else None
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (batch, seq) -> (seq_local, batch, hidden): summed over TP (g), or reduce-scattered with SP (f')."""
+        x = self.embed(ids.t())
+        if self.tp.active:
+            x = leave_tp(x.contiguous(), self.tp, self.sp)
+        if self.spec.position == "learned":
+            s = x.shape[0]
+            lo = self.tp.rank * s if self.sp else 0
+            x = x + self.pos[lo:lo + s, None, :]
+        return x
+
+    def run_layers(self, x: torch.Tensor) -> torch.Tensor:
+        rope = self.rope()
+        for layer in self.layers:
+            if self.recompute == "full":                     # keep only the layer input (Chen et al. 2016)
+                x = checkpoint(layer, x, rope, use_reentrant=False)
+            else:
+                x = layer(x, rope)
+        return x
+
+    def token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (fp32), shape (seq, batch). The head is column-parallel over the vocabulary
+        and the loss vocab-parallel: logits are never gathered."""
+        h = enter_tp(self.norm(x), self.tp, self.sp)
+        logits = F.linear(h, self.head_weight)
+        per = self.vocab_padded // self.tp.size
+        return vocab_parallel_cross_entropy(logits, targets.t(), self.tp.rank * per, self.spec.vocab, self.tp)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.run_layers(self.embed_tokens(ids))

@@ -1,0 +1,197 @@
+"""Tensor and sequence parallelism: the communication operators and the sharded layers.
+
+Activations are sequence-first, (seq, batch, hidden), as in Megatron-LM, so sequence-parallel gathers and scatters
+work on dim 0 (contiguous chunks).
+
+The four conjugate operators (Shoeybi et al. 2019 §3, Fig. 3; Korthikanti et al. 2022 §4.2.2, Fig. 5):
+  f  = copy_to_tp:        forward identity,          backward all-reduce   (enters a TP region, no SP)
+  g  = reduce_from_tp:    forward all-reduce,        backward identity     (leaves a TP region, no SP)
+  g' = gather_from_sp:    forward all-gather(seq),   backward reduce-scatter(seq)   (enters, with SP)
+  f' = scatter_to_sp:     forward reduce-scatter(seq), backward all-gather(seq)     (leaves, with SP)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import comm
+from .comm import Group
+
+
+def _gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] * group.size, *x.shape[1:]))
+    comm.all_gather(out, x, group)
+    return out
+
+
+def _scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
+    comm.reduce_scatter(out, x, group)
+    return out
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        comm.all_reduce(g, ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        comm.all_reduce(x, group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _scatter_seq(g, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_seq(g, ctx.group), None
+
+
+def enter_tp(x: torch.Tensor, group: Group, sp: bool) -> torch.Tensor:
+    """Into a column-parallel region: g' (all-gather the sequence) with SP, else f."""
+    if not group.active:
+        return x
+    return _GatherFromSP.apply(x, group) if sp else _CopyToTP.apply(x, group)
+
+
+def leave_tp(x: torch.Tensor, group: Group, sp: bool) -> torch.Tensor:
+    """Out of a row-parallel region: f' (reduce-scatter over the sequence) with SP, else g."""
+    if not group.active:
+        return x
+    return _ScatterToSP.apply(x, group) if sp else _ReduceFromTP.apply(x, group)
+
+
+# ---- parameter metadata ----------------------------------------------------------------------------------------
+def mark(p: nn.Parameter, *, tp_split: bool, sp_grad: bool = False, decay: bool = True, tp_dim: int = 0
+         ) -> nn.Parameter:
+    """Annotate a parameter for the DP/ZeRO and clipping code.
+
+    tp_split: each TP rank holds a different shard (counted once per rank in the grad norm);
+    otherwise the parameter is replicated over TP (counted once, on TP rank 0).
+    sp_grad: under SP the parameter sees only this rank's sequence shard, so its gradient is a partial sum that
+    must be all-reduced over TP (Korthikanti et al. 2022 §4.2.2; Megatron's allreduce_sequence_parallel_grads).
+    decay: AdamW weight decay applies (not to norms and biases, as in Megatron-LM and GPT-3)."""
+    p.loom_tp_split = tp_split
+    p.loom_tp_dim = tp_dim               # the dim the full tensor is split along (for gathering it back)
+    p.loom_sp_grad = sp_grad
+    p.loom_decay = decay
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows over TP: each rank computes out_features / tp outputs."""
+
+    def __init__(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None, group: Group):
+        super().__init__()
+        w = full_weight.chunk(group.size, dim=0)[group.rank]
+        self.weight = mark(nn.Parameter(w.clone()), tp_split=group.size > 1)
+        self.bias = None if full_bias is None else mark(
+            nn.Parameter(full_bias.chunk(group.size)[group.rank].clone()), tp_split=group.size > 1, decay=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T (+ b after the reduction) with W split by input columns over TP; the caller reduces."""
+
+    def __init__(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None, group: Group, sp: bool):
+        super().__init__()
+        w = full_weight.chunk(group.size, dim=1)[group.rank]
+        self.weight = mark(nn.Parameter(w.clone()), tp_split=group.size > 1, tp_dim=1)
+        self.bias = None if full_bias is None else mark(
+            nn.Parameter(full_bias.clone()), tp_split=False, sp_grad=sp and group.size > 1, decay=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the (padded) vocabulary split over TP (Shoeybi et al. 2019 §3, "input embedding").
+
+    Each rank looks up the ids in its vocab range and writes zeros elsewhere; the caller sums over TP (g, or f'
+    with SP), so every rank ends with the full embedding."""
+
+    def __init__(self, full_weight: torch.Tensor, group: Group):
+        super().__init__()
+        self.group = group
+        per = full_weight.shape[0] // group.size
+        self.start, self.end = group.rank * per, (group.rank + 1) * per
+        self.weight = mark(nn.Parameter(full_weight[self.start:self.end].clone()), tp_split=group.size > 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.group.active:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        return F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary over TP, without gathering them (Megatron-LM's
+    tensor_parallel/cross_entropy.py): three all-reduces of (tokens,)-sized tensors instead of an all-gather of
+    (tokens, vocab). Columns >= `vocab` (TP padding) are masked out."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, vocab, group):
+        logits = logits.float()
+        local_v = logits.shape[-1]
+        col = torch.arange(start, start + local_v, device=logits.device)
+        logits = logits.masked_fill(col >= vocab, float("-inf"))
+        m = logits.max(dim=-1).values
+        comm.all_reduce(m, group, op=torch.distributed.ReduceOp.MAX)
+        z = logits - m[..., None]
+        inside = (targets >= start) & (targets < start + local_v)
+        tgt = (targets - start).clamp(0, local_v - 1)
+        picked = z.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(~inside, 0.0)
+        comm.all_reduce(picked, group)
+        e = z.exp()
+        s = e.sum(-1)
+        comm.all_reduce(s, group)
+        loss = s.log() - picked
+        ctx.save_for_backward(e.div_(s[..., None]), tgt, inside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, tgt, inside = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, tgt[..., None], -inside[..., None].to(grad.dtype))
+        return grad * g[..., None], None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, start: int, vocab: int,
+                                 group: Group) -> torch.Tensor:
+    """Per-token losses (fp32) for logits (..., vocab_padded / tp) holding columns [start, start + local)."""
+    return _VocabParallelCE.apply(logits, targets, start, vocab, group)

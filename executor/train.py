@@ -1,0 +1,320 @@
+"""The per-rank training loop: `python -m loom.executor.train SPEC [--steps N] [--out DIR]` under torchrun.
+
+Each rank builds its part of the model from the spec, compiles the plan (`loom.spec.compile_plan`) and runs its
+stage's program (`plan.program(stage)`) op by op every step:
+  forward(mb) / backward(mb)  -> run that micro-batch (TP/SP collectives and recompute happen inside them; the
+                                 plan lists them as ops after the compute op: the comm log is checked against
+                                 them instead of issuing them twice)
+  dp_allreduce / dp_reducescatter -> wait for the gradient buckets (issued asynchronously by backward hooks)
+  optimizer                   -> global-norm clipping and the AdamW step over this rank's shards
+  zero_allgather              -> ZeRO-1/2: gather the updated parameters (ZeRO-3: issued by the layer hooks)
+Parallelisms are applied in the architecture's order: TP/SP (model.py, tp.py) -> recompute (model.py) ->
+DP/ZeRO (dp.py). Pipeline and context parallelism are part 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loom.spec import Spec, load_spec
+from loom.spec.compile import compile_plan
+
+from . import checkpoint, comm
+from .data import Batches, TokenData
+from .dp import DataParallel
+from .mesh import Mesh, build_mesh
+from .model import BuildCtx, Decoder
+from .optim import FlatAdamW, LossScaler, clip_, global_grad_norm, lr_at, wsd_decay_start
+
+ADAM_BETAS = (0.9, 0.95)        # GPT-3 (Brown et al. 2020, App. B) and Llama (Touvron et al. 2023 §2.2)
+
+
+@dataclass
+class StepStats:
+    step: int                   # 1-based: optimizer steps done
+    loss: float                 # mean cross-entropy over every token of the global batch (nats)
+    grad_norm: float
+    lr: float
+    time_s: float
+    tokens_per_s: float
+    mfu: float                  # model_flops_per_token (PaLM convention) / (time · ranks · peak)
+    mem_bytes: int              # peak device memory (CUDA) or peak RSS (CPU)
+    skipped: bool = False       # fp16 overflow
+
+
+def total_steps(spec: Spec, steps: int | None = None) -> int:
+    if steps:
+        return steps
+    if spec.run.steps:
+        return spec.run.steps
+    if spec.training.tokens:
+        return max(1, int(spec.training.tokens // spec.tokens_per_step))
+    raise ValueError("the number of steps is unknown: set run.steps or training.tokens in the spec, or --steps")
+
+
+class Trainer:
+    """One rank's training state and step. `steps` is the schedule length (for the LR and data stages)."""
+
+    def __init__(self, spec: Spec, mesh: Mesh, device: torch.device, steps: int):
+        p, t, m = spec.plan, spec.training, spec.model
+        if p.pp > 1 or p.cp > 1:
+            raise NotImplementedError("pipeline and context parallelism are not in the executor yet (part 2); "
+                                      "set parallel.pp = 1 and parallel.cp = 1")
+        self.spec, self.mesh, self.device, self.steps = spec, mesh, device, steps
+        self.cuda = device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if self.cuda else None
+        self.ctx = BuildCtx(m, mesh.tp, p.sp, t.recompute, t.seed, device)
+        self.model = Decoder(self.ctx)
+        self.dp = DataParallel(self.model, mesh.dp, mesh.tp, p.zero, p.bucket_MB,
+                               torch.bfloat16 if t.grad_dtype == "bf16" else torch.float32,
+                               layer_units=list(self.model.layers))
+        decay, self.count = self.dp.masks()
+        self.opt = FlatAdamW(self.dp.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
+        self.scaler = LossScaler() if self.amp_dtype == torch.float16 else None
+        self.plan = compile_plan(spec)
+        self.program = self.plan.program(mesh["pp"].rank)
+        self.n_micro = spec.micro_batches
+        self.global_tokens = t.global_batch * m.seq_len   # every position has a target (packed, no padding)
+        self.data = Batches(TokenData(spec.data, m.seq_len, t.seed, m.vocab), t.global_batch, t.micro_batch,
+                            mesh.dp.size, mesh.dp.rank, device)
+        self.decay_start = wsd_decay_start(steps, t.warmup_steps, t.decay_fraction) \
+            if t.lr_schedule == "wsd" else steps
+        self.step_no, self.consumed = 0, 0
+        gpu = spec.gpu
+        prec = t.precision if self.cuda else "fp32"
+        self.peak_flops = gpu.peak_flops.get(prec) or max(gpu.peak_flops.values())
+        self.flops_per_step = m.model_flops_per_token() * spec.tokens_per_step
+        self.ranks = p.size
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def step(self) -> StepStats:
+        t0 = time.perf_counter()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        batches = self.data.micro_batches(self.consumed, decay=self.step_no >= self.decay_start)
+        losses: dict[int, torch.Tensor] = {}
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        unfinished = optimized = gathered = False        # unfinished: a backward whose DP reduction is not waited
+        stats: dict = {}
+        for op in self.program:
+            kind = op.kind.value
+            comm.LOG.tag = kind
+            if kind == "forward":
+                ids, tgt = batches[op.microbatch]
+                if self.dp.zero == 3:
+                    self.dp.gather_root()
+                with self._autocast():
+                    x = self.model(ids)
+                    tok = self.model.token_losses(x, tgt)
+                loss = tok.sum() / self.global_tokens      # mean over the *global* batch: DP reduces by sum
+                loss_sum += loss.detach()
+                losses[op.microbatch] = loss * self.scaler.scale if self.scaler else loss
+            elif kind == "backward":
+                if unfinished:
+                    self.dp.finish_backward()
+                self.dp.start_micro_batch(op.microbatch, self.n_micro)
+                losses.pop(op.microbatch).backward()
+                unfinished = True
+            elif kind in ("dp_allreduce", "dp_reducescatter"):
+                if unfinished:                               # the buckets were issued by the backward's hooks
+                    self.dp.finish_backward()
+                    unfinished = False
+            elif kind == "optimizer":
+                if unfinished:
+                    self.dp.finish_backward()
+                    unfinished = False
+                stats = self._optimize()
+                optimized = True
+            elif kind == "zero_allgather":
+                if optimized and not gathered:
+                    self.dp.gather_params()
+                    gathered = True
+            # tp_allreduce, sp_allgather, sp_reducescatter, recompute: done inside forward/backward
+        if self.dp.zero in (1, 2) and not gathered:
+            self.dp.gather_params()
+        comm.LOG.tag = "loss_report"
+        comm.all_reduce(loss_sum, self.mesh.dp)
+        self.step_no += 1
+        self.consumed += self.spec.training.global_batch
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        mem = torch.cuda.max_memory_allocated(self.device) if self.cuda else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return StepStats(self.step_no, float(loss_sum), stats.get("norm", 0.0), stats.get("lr", 0.0), dt,
+                         self.spec.tokens_per_step / dt, self.flops_per_step / (dt * self.ranks * self.peak_flops),
+                         int(mem), stats.get("skipped", False))
+
+    def _optimize(self) -> dict:
+        grads = self.dp.grad_shards()
+        groups = self.dp.norm_groups()
+        lr = lr_at(self.step_no, self.steps, self.spec.training.lr, self.spec.training.min_lr,
+                   self.spec.training.lr_schedule, self.spec.training.warmup_steps, self.spec.training.decay_fraction)
+        if self.scaler is not None:
+            for g in grads:
+                g.div_(self.scaler.scale)
+            inf = self.scaler.found_inf(grads, [self.mesh.tp, self.mesh.dp])
+            self.scaler.update(inf)
+            if inf:
+                self.dp.zero_grad()
+                return {"norm": float("inf"), "lr": lr, "skipped": True}
+        norm = global_grad_norm(grads, self.count, groups)
+        clip_(grads, norm, self.spec.training.grad_clip)
+        self.opt.step(grads, lr)
+        self.dp.zero_grad()
+        return {"norm": float(norm), "lr": lr}
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter at full size (TP shards gathered, ZeRO-3 units gathered, vocab padding cut), as the
+        single-process model names them: for parity tests and export. Collective: every rank must call it."""
+        if self.dp.zero == 3:
+            for u in self.dp.units:
+                self.dp._gather(u)
+        out = {}
+        tp = self.mesh.tp
+        for name, prm in self.model.named_parameters():
+            t = prm.detach().clone()
+            if getattr(prm, "loom_tp_split", False) and tp.active:
+                d = prm.loom_tp_dim
+                parts = t.movedim(d, 0).contiguous()
+                full = parts.new_empty((parts.shape[0] * tp.size, *parts.shape[1:]))
+                comm.all_gather(full, parts, tp)
+                t = full.movedim(0, d)
+            if name in ("embed.weight", "head_weight"):
+                t = t[: self.spec.model.vocab]
+            out[name] = t.contiguous()
+        if self.dp.zero == 3:
+            for u in self.dp.units:
+                self.dp._release(u)
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        p = self.spec.plan
+        t = self.mesh.tp.rank
+        sd: dict[str, torch.Tensor] = {
+            "layout": torch.tensor([p.dp, p.tp, p.pp, p.cp, p.zero, len(self.dp.units), self.dp.units[0].numel]),
+            "step": torch.tensor(self.step_no), "consumed": torch.tensor(self.consumed),
+            "loss_scale": torch.tensor(self.scaler.scale if self.scaler else 1.0, dtype=torch.float64),
+            "opt_t": torch.tensor(self.opt.t)}
+        where = f"tp{t}" if p.zero == 0 else f"tp{t}.dp{self.mesh.dp.rank}"
+        for i, prm in enumerate(self.opt.params):
+            sd[f"{where}.u{i}.param"] = prm
+            sd[f"{where}.u{i}.m"] = self.opt.m[i]
+            if self.opt.v:
+                sd[f"{where}.u{i}.v"] = self.opt.v[i]
+        return sd
+
+    def save(self, out_dir: str | Path) -> Path:
+        path = checkpoint.step_dir(out_dir, self.step_no)
+        checkpoint.save(self.state_dict(), path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        sd = self.state_dict()
+        expect = sd["layout"].clone()
+        checkpoint.load(sd, Path(path))
+        if not torch.equal(sd["layout"], expect):
+            raise ValueError(f"checkpoint {path} was written by another layout ({sd['layout'].tolist()} vs "
+                             f"{expect.tolist()} as dp, tp, pp, cp, zero, units): resume with the same [parallel]")
+        self.step_no, self.consumed = int(sd["step"]), int(sd["consumed"])
+        self.opt.t = int(sd["opt_t"])
+        if self.scaler:
+            self.scaler.scale = float(sd["loss_scale"])
+        self.dp.gather_params()                            # ZeRO-1/2: make the full parameters consistent
+
+
+# ---- console -------------------------------------------------------------------------------------------------
+def _bar(done: int, total: int, width: int = 24) -> str:
+    full = int(width * done / max(total, 1))
+    return "[" + "#" * full + "." * (width - full) + f"] {done}/{total}"
+
+
+def format_stats(s: StepStats, total: int) -> str:
+    mem = s.mem_bytes / 2**30
+    return (f"{_bar(s.step, total)} loss {s.loss:.4f} | gnorm {s.grad_norm:.3f} | lr {s.lr:.2e} | "
+            f"{s.tokens_per_s:,.0f} tok/s | MFU {100 * s.mfu:.2f}% | mem {mem:.2f} GiB | {s.time_s * 1e3:.0f} ms"
+            + (" | skipped (fp16 overflow)" if s.skipped else ""))
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+def init_distributed(spec: Spec) -> torch.device:
+    """Process group from torchrun's environment: NCCL on CUDA, gloo on the CPU target."""
+    cpu = spec.gpu.device == "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if cpu else torch.device("cuda", local)
+    if not cpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks; "
+                               'use cluster.gpu = "cpu" to run on CPU processes')
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo" if cpu else "nccl")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != spec.plan.size:
+        raise RuntimeError(f"launched {world} processes but the plan needs dp·tp·pp·cp = {spec.plan.size}")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loom.executor.train", description=__doc__.splitlines()[0])
+    ap.add_argument("spec")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: run.steps)")
+    ap.add_argument("--out", default=None, help="output directory (default: run.out_dir)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    spec = load_spec(args.spec)
+    torch.manual_seed(spec.training.seed)
+    if spec.gpu.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    device = init_distributed(spec)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    steps = total_steps(spec, args.steps)
+    out = args.out or spec.run.out_dir
+    mesh = build_mesh(spec.plan, device.type)
+    trainer = Trainer(spec, mesh, device, steps)
+    if out and spec.run.resume and (ck := checkpoint.latest(out)) is not None:
+        trainer.load(ck)
+        if rank0:
+            print(f"resumed from {ck} at step {trainer.step_no}", flush=True)
+    log = None
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        log = open(Path(out) / "metrics.jsonl", "a") if rank0 else None
+    if rank0 and not args.quiet:
+        m = spec.model
+        print(f"loom run: {m.name} {m.param_count() / 1e6:.2f}M params, {spec.plan.size} ranks "
+              f"(dp {spec.plan.dp}, tp {spec.plan.tp}{', sp' if spec.plan.sp else ''}, zero {spec.plan.zero}), "
+              f"{trainer.n_micro} micro-batches/step, {steps} steps on {device.type}", flush=True)
+    while trainer.step_no < steps:
+        s = trainer.step()
+        if log:
+            log.write(json.dumps(asdict(s)) + "\n")
+            log.flush()
+        if rank0 and not args.quiet and (s.step % spec.run.log_every == 0 or s.step == steps):
+            print(format_stats(s, steps), flush=True)
+        every = spec.run.checkpoint_every
+        if out and ((every and s.step % every == 0) or s.step == steps):
+            trainer.save(out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
