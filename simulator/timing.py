@@ -7,8 +7,10 @@ Definitions (stated because papers differ):
   numerator. HFU: FLOPs the plan actually executes (causal attention counted as half, recompute included) per
   second per GPU / peak.
 - bubble_fraction: mean over stages of (T_pipe − busy_s) / T_pipe, where T_pipe is the end of the last forward,
-  backward or recompute op of any stage and busy_s the time stage s spends on its own forward/backward/recompute
-  ops and on the TP collectives between them. Uniform stages with free communication give (p−1)/(m+p−1) for
+  backward or recompute op of any stage and busy_s the time in [0, T_pipe] during which stage s runs one of its
+  forward/backward/recompute ops, its TP collectives or the collectives that feed its compute (CP exchanges,
+  ZeRO gathers): waiting on those is exposed communication, not bubble; waiting for a pipeline neighbour is
+  bubble. Without PP it is ~0. Uniform stages with free communication give (p−1)/(m+p−1) for
   1F1B and AFAB and (p−1)/(v·m+p−1) for interleaving (tests/test_sim_laws.py derives it).
 - exposed_comm_s[dim]: on the rank class whose step ends last, the time of its communication ops of that mesh dim
   during which it runs no compute op (TP collectives sit on the compute stream: all of them count).
@@ -27,6 +29,8 @@ from .hardware import HardwareProfile
 
 _PIPE = frozenset({OpKind.FORWARD, OpKind.BACKWARD, OpKind.RECOMPUTE})
 _COMPUTE = frozenset({OpKind.FORWARD, OpKind.BACKWARD, OpKind.RECOMPUTE, OpKind.OPTIMIZER})
+_BUSY = _PIPE | {OpKind.TP_ALLREDUCE, OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER, OpKind.CP_KV_EXCHANGE,
+                 OpKind.ZERO_ALLGATHER}
 
 
 @dataclass
@@ -89,9 +93,11 @@ def bubble_fraction(lines: dict[str, list[Slice]], durations: list[float]) -> fl
         return 0.0
     fracs = []
     for sl in lines.values():
-        busy = sum(durations[s.op.id] for s in sl
-                   if s.op.kind in _PIPE or (s.op.stream == "compute" and s.op.group == "tp"))
-        fracs.append(max(0.0, pipe_end - busy) / pipe_end)
+        # Busy: its own forward/backward/recompute and TP collectives, and the collectives that feed its compute
+        # (CP exchanges, ZeRO-3 gathers): waiting on those is exposed communication, reported separately.
+        busy = _merge([(s.end_s - durations[s.op.id], s.end_s) for s in sl if s.op.kind in _BUSY])
+        covered = sum(min(b, pipe_end) - a for a, b in busy if a < pipe_end)
+        fracs.append(max(0.0, pipe_end - covered) / pipe_end)
     return sum(fracs) / len(fracs)
 
 
