@@ -22,6 +22,8 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
 - ZeRO-3 (Rajbhandari et al. 2020 §5; FSDP): every chunk's parameters are all-gathered (one call per layer)
   before its forward and again before its backward, prefetched one op ahead; with PP once per step per chunk
   (torchtitan keeps PP chunks unsharded between micro-batches).
+Left out (small next to the above): the vocab-parallel cross-entropy's all-reduces of 3 scalars per token, and
+with SP the all-gather before the LM head (one b·s·h tensor against 4 per layer).
 Ring collective volumes per rank (Patarasuk & Yuan 2009; NCCL docs "Collective operations"/nccl-tests
 PERFORMANCE.md): all-reduce 2(n-1)/n·B, all-gather and reduce-scatter (n-1)/n·B, with B the full tensor.
 """
@@ -261,8 +263,10 @@ def compile_plan(spec) -> Plan:
                 # ZeRO-0/1 accumulate full gradients and reduce once per step; ZeRO-2/3 keep only a shard, so
                 # they reduce-scatter after every micro-batch's backward (FSDP without no_sync; DeepSpeed ZeRO-2),
                 # except under PP, where the unsharded chunk and its gradients stay for the step (see above).
-                if par.dp > 1 and (idx == last_b[c] or (par.zero >= 2 and pp == 1)):
-                    dp_ops.setdefault(s, []).extend(_buckets(b, s, c, layers, first, last, main))
+                per_mb = par.zero >= 2 and pp == 1
+                if par.dp > 1 and (idx == last_b[c] or per_mb):
+                    dp_ops.setdefault(s, []).extend(_buckets(b, s, c, layers, first, last, main,
+                                                             mb if per_mb else -1))
             main_compute.setdefault(s, []).append(main)
 
     for op, kind, mb, j in recvs:                                  # cross-stage edges: send -> matching recv
@@ -273,8 +277,10 @@ def compile_plan(spec) -> Plan:
                 programs=b.programs)
 
 
-def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool, backward: int) -> list[int]:
-    """DP gradient buckets of one chunk, produced by its last backward, reduced in reverse layer order."""
+def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool, backward: int,
+             microbatch: int = -1) -> list[int]:
+    """DP gradient buckets of one chunk, produced by `backward`, reduced in reverse layer order. `microbatch` is
+    -1 when they reduce the whole step's accumulated gradients."""
     sh, par = b.sh, b.spec.plan
     total = sh.chunk_params(layers, first, last) * sh.gb
     bucket = par.bucket_MB * 2**20
@@ -284,7 +290,8 @@ def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool
     out = []
     for k in range(n_ops):
         count = n_buckets // n_ops + (1 if k < n_buckets % n_ops else 0)
-        op = b.collective(s, kind, count, total / n_buckets, chunk=c, layers=layers, bucket=k)
+        op = b.collective(s, kind, count, total / n_buckets, chunk=c, microbatch=microbatch, layers=layers,
+                          bucket=k)
         # The k-th group of buckets is full once the backward has produced (k+1)/n_ops of the chunk's grads.
         b.edge(backward, op, frac=(k + 1) / n_ops)
         out.append(op)
