@@ -72,6 +72,10 @@ class CommLog:
 
 LOG = CommLog()
 
+# torch >= 2.10 renamed the single-tensor collectives (the old names warn); older torch only has the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -101,7 +105,7 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group: Group, async_op: boo
         out.copy_(inp)
         return _Pending(None, None, 0.0, LOG) if async_op else None
     return _issue("all_gather", group, _nbytes(out),
-                  lambda a: dist.all_gather_into_tensor(out, inp.contiguous(), group=group.pg, async_op=a), async_op)
+                  lambda a: _all_gather_single(out, inp.contiguous(), group=group.pg, async_op=a), async_op)
 
 
 def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: Group, async_op: bool = False):
@@ -110,7 +114,7 @@ def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: Group, async_op:
         out.copy_(inp)
         return _Pending(None, None, 0.0, LOG) if async_op else None
     return _issue("reduce_scatter", group, _nbytes(inp),
-                  lambda a: dist.reduce_scatter_tensor(out, inp.contiguous(), group=group.pg, async_op=a), async_op)
+                  lambda a: _reduce_scatter_single(out, inp.contiguous(), group=group.pg, async_op=a), async_op)
 
 
 def broadcast(t: torch.Tensor, group: Group, src_group_rank: int = 0) -> None:
