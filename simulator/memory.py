@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from loom.spec.compile import split_layers
 from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
@@ -133,9 +134,20 @@ def layer_params_per_gpu(m: ModelSpec, tp: int) -> int:
     return split // tp + replicated
 
 
-def stage_params_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int) -> int:
+def stage_chunk_layers(m: ModelSpec, pp: int, vpp: int, stage: int) -> list[int]:
+    """Layers of each virtual chunk of a stage: chunk j of stage s is virtual stage j·pp + s, split exactly as
+    the plan compiler splits them (even, or the Llama 3 split with parallel.uneven_split)."""
+    ranges = split_layers(m.layers, pp * vpp)
+    return [len(ranges[j * pp + stage]) for j in range(vpp)]
+
+
+def stage_layers(m: ModelSpec, pp: int, stage: int, vpp: int = 1) -> int:
+    return sum(stage_chunk_layers(m, pp, vpp, stage))
+
+
+def stage_params_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int, vpp: int = 1) -> int:
     """Parameters of pipeline stage `stage` on one TP rank, before any ZeRO sharding."""
-    n = (m.layers // pp) * layer_params_per_gpu(m, tp)
+    n = stage_layers(m, pp, stage, vpp) * layer_params_per_gpu(m, tp)
     table = padded_vocab(m, tp) // tp * m.hidden                       # vocabulary-parallel embedding shard
     if stage == 0:
         n += table + (m.seq_len * m.hidden if m.position == "learned" else 0)
@@ -146,10 +158,10 @@ def stage_params_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int) -> int:
     return n
 
 
-def _units_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int) -> list[int]:
+def _units_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int, vpp: int = 1) -> list[int]:
     """The separately gathered pieces under ZeRO-3 (FSDP wraps each layer, the embedding and the head)."""
     table = padded_vocab(m, tp) // tp * m.hidden
-    units = [layer_params_per_gpu(m, tp)] if m.layers // pp else []
+    units = [layer_params_per_gpu(m, tp)] if stage_layers(m, pp, stage, vpp) else []
     if stage == 0:
         units.append(table + (m.seq_len * m.hidden if m.position == "learned" else 0))
     if stage == pp - 1 and (not m.tied_embeddings or pp > 1):
@@ -182,10 +194,10 @@ def _comm_buffers(spec: Spec, stage: int, tokens: float) -> int:
     p, t, m = spec.plan, spec.training, spec.model
     total = 0.0
     if p.zero == 3 and p.pp > 1:
-        n = stage_params_per_gpu(m, p.pp, p.tp, stage)
+        n = stage_params_per_gpu(m, p.pp, p.tp, stage, p.vpp)
         total += n * (param_bytes(t.precision) + grad_bytes(spec))
     elif p.zero == 3:
-        units = sorted(_units_per_gpu(m, p.pp, p.tp, stage), reverse=True)
+        units = sorted(_units_per_gpu(m, p.pp, p.tp, stage, p.vpp), reverse=True)
         total += sum(units[:2]) * param_bytes(t.precision) + units[0] * grad_bytes(spec)
     elif p.dp * p.cp > 1:
         total += 2 * p.bucket_MB * MiB
@@ -214,15 +226,15 @@ def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int) -> t
 def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DEFAULT) -> StageMemory:
     p, t, m = spec.plan, spec.training, spec.model
     shard = p.dp * p.cp
-    n = stage_params_per_gpu(m, p.pp, p.tp, stage)
+    n = stage_params_per_gpu(m, p.pp, p.tp, stage, p.vpp)
     params = (_shard(n, shard) if p.zero == 3 else n) * param_bytes(t.precision)
     grads = (_shard(n, shard) if p.zero >= 2 else n) * grad_bytes(spec)
     optimizer = (_shard(n, shard) if p.zero >= 1 else n) * optimizer_bytes(spec)
 
     act = activation_bytes(t.precision)
     tokens = m.seq_len / p.cp * t.micro_batch          # tokens of one micro-batch on one rank
-    layers = m.layers // p.pp
-    chunk_layers = layers // p.vpp
+    layers = stage_layers(m, p.pp, stage, p.vpp)
+    chunk_layers = max(stage_chunk_layers(m, p.pp, p.vpp, stage))   # uneven split: the heaviest chunk bounds it
     m_steps = spec.micro_batches
     chunk_fwds = chunk_microbatches_in_flight(p.schedule, p.pp, stage, m_steps, p.vpp)
     in_flight = chunk_fwds * chunk_layers / layers if layers else 0.0      # in whole-stage micro-batches

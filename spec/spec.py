@@ -93,6 +93,10 @@ class ParallelSpec(BaseModel):
     zero: Literal[0, 1, 2, 3] = 0
     schedule: Literal["afab", "1f1b", "interleaved"] = "1f1b"
     vpp: PositiveInt = 1                            # virtual stages (model chunks) per rank, interleaved only
+    # Layers that pp·vpp does not divide: the first and last virtual stages (which also hold the embedding and
+    # the head) get fewer layers, as Llama 3 405B does (126 layers on 16 stages). Off by default: an uneven
+    # split must be asked for, not stumbled into.
+    uneven_split: bool = False
     # Mesh order from outermost to innermost: the innermost dimension gets adjacent ranks (inside a node).
     mesh: tuple[Literal["pp", "dp", "cp", "tp"], ...] = ("pp", "dp", "cp", "tp")
     bucket_MB: PositiveFloat = 25.0                 # DP gradient bucket size (PyTorch DDP's default 25 MiB)

@@ -5,7 +5,8 @@ Rules and why:
 - tp must divide heads and kv_heads (Megatron-LM's rule: query groups are split over TP ranks, never replicated)
   and ffn_hidden (column-parallel MLP). The vocabulary is padded up to a multiple of tp (Megatron pads to 128·tp),
   so vocab needs no check.
-- pp·vpp must divide layers: Loom splits layers evenly over stages and chunks.
+- pp·vpp must divide layers, unless uneven_split = true asks for the Llama 3 split (first and last virtual
+  stages one layer lighter); every virtual stage needs a layer.
 - cp > 1 splits the sequence in 2·cp zigzag chunks (load-balanced causal ring attention), so seq_len % (2·cp) == 0;
   with sp the local sequence is further split over tp.
 - global_batch must be divisible by dp·micro_batch (whole micro-batches per replica).
@@ -72,13 +73,18 @@ def check_parallel(spec: Spec) -> list[SpecIssue]:
     if m.ffn_hidden % p.tp:
         issues.append(SpecIssue("parallel.tp", p.tp, f"tp must divide model.ffn_hidden = {m.ffn_hidden}.",
                                 f"use tp in {nearest(p.tp, common)}."))
-    if m.layers % (p.pp * p.vpp):
+    if p.pp * p.vpp > m.layers:
+        issues.append(SpecIssue("parallel.pp", p.pp,
+                                f"pp·vpp = {p.pp * p.vpp} virtual stages but model.layers = {m.layers}: every "
+                                "virtual stage needs at least one layer.",
+                                f"use pp·vpp ≤ {m.layers}."))
+    elif m.layers % (p.pp * p.vpp) and not p.uneven_split:
         ok = [d for d in divisors(m.layers) if d % p.vpp == 0 and d // p.vpp >= 1]
         pps = [d // p.vpp for d in ok]
         issues.append(SpecIssue("parallel.pp", p.pp,
-                                f"pp·vpp = {p.pp * p.vpp} must divide model.layers = {m.layers} (Loom splits layers "
-                                "evenly over stages and virtual chunks).",
-                                f"use pp in {nearest(p.pp, pps)} with vpp = {p.vpp}."))
+                                f"pp·vpp = {p.pp * p.vpp} does not divide model.layers = {m.layers}.",
+                                f"use pp in {nearest(p.pp, pps)} with vpp = {p.vpp}, or set parallel.uneven_split "
+                                "= true (the first and last stages get fewer layers, as Llama 3 405B does)."))
     if p.cp > 1 and m.seq_len % (2 * p.cp):
         issues.append(SpecIssue("model.seq_len", m.seq_len,
                                 f"context parallel cp = {p.cp} splits the sequence into 2·cp = {2 * p.cp} zigzag chunks.",
