@@ -236,7 +236,9 @@ def test_llama3_405b_example_stage_count_and_tokens():
     s = load_spec(ROOT / "examples" / "llama3-405b-16k-h100.toml")
     assert (s.plan.tp, s.plan.pp, s.plan.dp, s.plan.cp) == (8, 16, 128, 1)
     assert s.world_size == 16384 and s.tokens_per_step == 2048 * 8192   # 16M tokens per step
-    assert math.isclose(s.model.layers / s.plan.pp, 8)
+    # Llama 3 §3.3.2: 126 layers, the first and last stages one layer lighter than the other fourteen.
+    r = memory_report(s)
+    assert s.model.layers == 126 and [st.layers for st in r.per_stage] == [7] + [8] * 14 + [7]
 
 
 def test_overhead_is_context_plus_fragmentation():
