@@ -166,3 +166,44 @@ def test_parity_comm_log_matches_layout(results):
     fwd = sum(v[0] for k, v in z3.items() if k.startswith("forward>zero_allgather") and "|all_gather|dp" in k)
     bwd = sum(v[0] for k, v in z3.items() if k.startswith("backward>zero_allgather") and "|all_gather|dp" in k)
     assert fwd > 0 and bwd > 0
+
+
+def _plan_bytes(name: str, kind: str) -> float:
+    """Bytes per step the plan's ops of `kind` stand for (count × payload), from loom.spec.compile_plan."""
+    from loom.spec import spec_from_dict
+    from loom.spec.compile import compile_plan
+    spec = spec_from_dict(next(c for c in CASES if c["name"] == name)["spec"])
+    return sum(op.count * op.msg_bytes for op in compile_plan(spec).program(0) if op.kind.value == kind)
+
+
+def _measured(res: dict, tag: str, kind: str, group: str) -> float:
+    """Bytes per step of one (phase tag, collective, group) in the comm log (tags nest as phase>detail)."""
+    total = sum(v[1] for k, v in res["comm"].items()
+                if k.split("|")[0].split(">")[0] == tag and k.split("|")[1:] == [kind, group])
+    return total / len(res["losses"])
+
+
+@pytest.mark.slow
+def test_parity_comm_bytes_match_the_plan(results):
+    """The executor's collectives carry the bytes the plan's ops predict. The executor also issues collectives the
+    plan does not list (docs/executor.md): the vocab-parallel embedding's reduction and the LM head's entry
+    (b·s·h each), and the vocab-parallel cross-entropy's three (b·s) reductions; ZeRO-3 keeps its root unit
+    (embedding, final norm, head) gathered from forward to backward instead of gathering it twice."""
+    b, s, h, f32 = 8, LLAMA["seq_len"], LLAMA["hidden"], 4
+    act, tok = b * s * h * f32, b * s * f32
+    tp = results["tp2"]
+    assert _measured(tp, "forward", "all_reduce", "tp") - act - 3 * tok == _plan_bytes("tp2", "tp_allreduce") / 2
+    assert _measured(tp, "backward", "all_reduce", "tp") - act == _plan_bytes("tp2", "tp_allreduce") / 2
+    sp = results["tp2_sp"]
+    for phase in ("forward", "backward"):
+        for kind, op in (("all_gather", "sp_allgather"), ("reduce_scatter", "sp_reducescatter")):
+            assert _measured(sp, phase, kind, "tp") - act == _plan_bytes("tp2_sp", op) / 2
+    assert _measured(results["dp2"], "backward", "all_reduce", "dp") == pytest.approx(
+        _plan_bytes("dp2", "dp_allreduce"), rel=1e-9)
+    z3 = results["dp2_zero3"]
+    assert _measured(z3, "backward", "reduce_scatter", "dp") == pytest.approx(
+        _plan_bytes("dp2_zero3", "dp_reducescatter"), rel=1e-9)
+    gathers = _plan_bytes("dp2_zero3", "zero_allgather")              # forward + backward, every micro-batch
+    root = (2 * LLAMA["vocab"] * h + h) * f32 * 2                     # embed + head + final norm, 2 micro-batches
+    assert _measured(z3, "forward", "all_gather", "dp") == pytest.approx(gathers / 2, rel=1e-9)
+    assert _measured(z3, "backward", "all_gather", "dp") == pytest.approx(gathers / 2 - root, rel=1e-9)
