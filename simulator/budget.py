@@ -179,8 +179,9 @@ def plan_budget(flops: float | None = None, gpu_hours: float | None = None, doll
     if inference_tokens < 0:
         raise SpecError([SpecIssue("inference_tokens", inference_tokens, "cannot be negative.", "pass ≥ 0.")])
     if num_gpus <= 0 or gpus_per_node <= 0 or num_gpus % gpus_per_node:
+        near = gpus_per_node * max(1, round(num_gpus / max(gpus_per_node, 1)))
         raise SpecError([SpecIssue("num_gpus", num_gpus, f"must be a positive multiple of gpus_per_node = "
-                                   f"{gpus_per_node}.", f"use {gpus_per_node * max(1, round(num_gpus / max(gpus_per_node, 1)))}.")])
+                                   f"{gpus_per_node}.", f"use {near}.")])
     if lookup(gpu) is None:
         raise SpecError([SpecIssue("gpu", gpu, "unknown GPU.", f"use one of {list(CATALOG)}.")])
     n20, d20 = twenty_tokens_rule(c)
@@ -250,10 +251,10 @@ def _time_to_train(r: BudgetResult, gpu: str, num_gpus: int, gpus_per_node: int,
         if res.rows:
             best = res.rows[0]
             r.plan = best.plan_dict()
-            r.step_time_s = best.step_time_s
-            r.mfu = best.mfu
+            r.step_time_s = best.best_step_time_s          # the event simulator's, where it ran
+            r.mfu = best.event_mfu if best.event_mfu is not None else best.mfu
             steps = r.tokens / spec.tokens_per_step
-            r.days = steps * best.step_time_s / 86400
+            r.days = steps * r.step_time_s / 86400
         else:
             r.notes.append(f"no plan fits {r.model.name} on {num_gpus} × {g.name}: {res.rejection_summary()}")
     if r.days is None:

@@ -46,7 +46,7 @@ BY = ("step_time", "tokens_per_gpu", "cost")
 
 _FIELD_REASON = {
     "parallel.tp": "tp does not divide heads, kv_heads or ffn_hidden",
-    "parallel.pp": "pp·vpp does not divide layers",
+    "parallel.pp": "pp·vpp cannot split the layers",
     "model.seq_len": "seq_len not divisible by 2·cp",
     "parallel.sp": "sequence parallel: local sequence not divisible by tp",
     "training.global_batch": "global_batch not divisible (dp·micro_batch, or pp for interleaved)",

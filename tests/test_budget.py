@@ -6,8 +6,12 @@ import math
 
 import pytest
 
+from loom.spec import spec_from_dict
 from loom.spec.errors import SpecError
 from loom.spec.model import ModelSpec
+from loom.spec.spec import ParallelSpec
+from loom.spec.validate import check
+from loom.simulator.memory import memory_report
 from loom.simulator.budget import budget_flops, format_budget, llama_shape, plan_budget
 from loom.simulator.scaling_laws import (CHINCHILLA, critical_model_fraction, fraction_at_overhead,
                                          harms_overhead, harms_overhead_closed_form, inference_optimal,
@@ -157,3 +161,21 @@ def test_plan_budget_bad_input_names_the_field():
     with pytest.raises(SpecError) as e:
         plan_budget(flops=-1.0, search_plan=False)
     assert e.value.fields() == ["flops"]
+
+
+def test_plan_budget_takes_the_model_to_the_cluster_with_search():
+    """1.2e21 FLOPs -> ~3.2B parameters (the Llama 3.2 3B preset) on 16 H100: the searched plan is valid, fits, and
+    days and dollars follow from its simulated step time."""
+    r = plan_budget(flops=1.2e21, num_gpus=16, price_per_gpu_hour=3.0, global_batch_tokens=2**20)
+    assert r.model.name == "llama3.2-3b" and r.plan is not None
+    plan = {k: v for k, v in r.plan.items() if k not in ("micro_batch", "recompute")}
+    spec = spec_from_dict({"model": r.model.model_dump(), "cluster": {"gpu": "H100-SXM", "nodes": 2},
+                           "training": {"global_batch": 2**20 // r.model.seq_len,
+                                        "micro_batch": r.plan["micro_batch"], "recompute": r.plan["recompute"]},
+                           "parallel": ParallelSpec(**plan).model_dump()})
+    assert check(spec) == [] and memory_report(spec).fits
+    steps = r.tokens / spec.tokens_per_step
+    assert r.days == pytest.approx(steps * r.step_time_s / 86400)
+    assert r.cost_usd == pytest.approx(r.days * 24 * 16 * 3.0)
+    assert 0.2 < r.mfu < 0.8
+    assert "Best plan on 16" in format_budget(r)
