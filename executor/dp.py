@@ -188,8 +188,12 @@ class DataParallel:
         u.launched = True
         tag = comm.LOG.tag
         comm.LOG.tag = f"{tag}>sp_grad_allreduce:u{u.index}"
-        for off, k in u.sp_params:                          # SP partial sums over the sequence shards
-            comm.all_reduce(u.grad[off:off + k], self.tp)
+        if u.sp_params:                                     # SP partial sums over the sequence shards: one call
+            parts = [u.grad[off:off + k] for off, k in u.sp_params]
+            packed = torch.cat(parts)
+            comm.all_reduce(packed, self.tp)
+            for dst, src in zip(parts, packed.split([k for _, k in u.sp_params])):
+                dst.copy_(src)
         comm.LOG.tag = f"{tag}>" + ("dp_allreduce" if self.zero == 0 else "dp_reducescatter") + f":u{u.index}"
         if self.zero == 0:
             u.pending.append(comm.all_reduce(u.grad, self.dp, async_op=True))

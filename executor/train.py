@@ -65,7 +65,7 @@ def total_steps(spec: Spec, steps: int | None = None) -> int:
 class Trainer:
     """One rank's training state and step. `steps` is the schedule length (for the LR and data stages)."""
 
-    def __init__(self, spec: Spec, mesh: Mesh, device: torch.device, steps: int):
+    def __init__(self, spec: Spec, mesh: Mesh, device: torch.device, steps: int, profile: bool = False):
         p, t, m = spec.plan, spec.training, spec.model
         if p.pp > 1 or p.cp > 1:
             raise NotImplementedError("pipeline and context parallelism are not in the executor yet (part 2); "
@@ -95,6 +95,10 @@ class Trainer:
         self.peak_flops = gpu.peak_flops.get(prec) or max(gpu.peak_flops.values())
         self.flops_per_step = m.model_flops_per_token() * spec.tokens_per_step
         self.ranks = p.size
+        # profile: time every plan op (synchronising CUDA after each, which removes overlap): (op id, kind,
+        # micro-batch, seconds) of the last step, for verify to hold against the simulator's op durations.
+        self.profile = profile
+        self.op_times: list[tuple[int, str, int, float]] = []
 
     # ---- one step ----------------------------------------------------------------------------------------
     def _autocast(self):
@@ -111,9 +115,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         unfinished = optimized = gathered = False        # unfinished: a backward whose DP reduction is not waited
         stats: dict = {}
+        self.op_times.clear()
         for op in self.program:
             kind = op.kind.value
             comm.LOG.tag = kind
+            t_op = time.perf_counter()
             if kind == "forward":
                 ids, tgt = batches[op.microbatch]
                 if self.dp.zero == 3:
@@ -145,6 +151,10 @@ class Trainer:
                     self.dp.gather_params()
                     gathered = True
             # tp_allreduce, sp_allgather, sp_reducescatter, recompute: done inside forward/backward
+            if self.profile:
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
+                self.op_times.append((op.id, kind, op.microbatch, time.perf_counter() - t_op))
         if self.dp.zero in (1, 2) and not gathered:
             self.dp.gather_params()
         comm.LOG.tag = "loss_report"

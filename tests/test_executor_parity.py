@@ -9,7 +9,7 @@ per-rank partial gradients (gloo's ring order) instead of one matmul accumulatin
 partial row-parallel products and the vocab-parallel softmax denominators across ranks; SP reduce-scatters.
 Each reorders fp32 additions (~1e-7 relative per step). AdamW's m/√v then maps an element whose gradient is at
 rounding level to an update of up to lr in either direction, which is why a per-element max bound would be
-loose; the per-tensor norm bound is tight (measured ~1e-6, docs/measurements.md).
+loose; the per-tensor norm bound is tight (measured <= 2.8e-6, GPT-2 9.5e-6: docs/measurements.md).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 ZERO_GRADIENT = ("attn.k.bias",)
 
 
-def _check(res: dict, ref: dict, tol: float = 1e-5) -> None:
+def _check(res: dict, ref: dict, tol: float = 1e-5, param_tol: float = 1e-5) -> None:
     assert res["losses"].shape == ref["losses"].shape
     torch.testing.assert_close(res["losses"], ref["losses"], rtol=tol, atol=0)
     torch.testing.assert_close(res["norms"], ref["norms"], rtol=tol, atol=0)
@@ -114,7 +114,7 @@ def _check(res: dict, ref: dict, tol: float = 1e-5) -> None:
     for k in noise:
         assert res["params"][k].abs().max() <= 2 * 3e-3 * len(ref["losses"])
     worst = max((_rel(res["params"][k], ref["params"][k]), k) for k in ref["params"] if k not in noise)
-    assert worst[0] < tol, f"parameter {worst[1]} differs by {worst[0]:.2e} (relative)"
+    assert worst[0] < param_tol, f"parameter {worst[1]} differs by {worst[0]:.2e} (relative)"
     for other in res["replica_losses"]:                    # replicas of a small layout agree exactly
         assert torch.equal(other, res["replica_losses"][0])
 
@@ -125,7 +125,9 @@ LAYOUTS = [c["name"] for c in CASES if not c["name"].endswith("ref") and not c["
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_parity_layout(results, name):
-    _check(results[name], results[REFERENCE[name]])
+    # GPT-2's GELU leaves some MLP units nearly inactive: their weight rows get near-zero gradients, which AdamW
+    # normalises to lr-sized steps, so rounding differences show more there (measured 9.5e-6 for mlp.up.weight).
+    _check(results[name], results[REFERENCE[name]], param_tol=3e-5 if name.startswith("gpt2") else 1e-5)
 
 
 @pytest.mark.slow

@@ -202,3 +202,16 @@ def test_data_and_run_tables_validate_with_named_fixes(tmp_path):
     with pytest.raises(SpecError) as e:
         spec_from_dict(_spec(run={"step": 3}))
     assert "run.step" in e.value.fields()
+
+
+def test_trainer_runs_the_plan_program_and_times_each_op():
+    from loom.executor.mesh import build_mesh
+    from loom.executor.train import Trainer
+    spec = spec_from_dict(_spec(training={"global_batch": 4, "micro_batch": 2, "precision": "fp32"}))
+    tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=2, profile=True)
+    s1 = tr.step()
+    assert [k for _, k, _, _ in tr.op_times] == [op.kind.value for op in tr.program]
+    assert [k for _, k, _, _ in tr.op_times].count("forward") == spec.micro_batches == 2
+    assert all(t >= 0 for *_, t in tr.op_times)
+    s2 = tr.step()
+    assert s2.step == 2 and s2.loss < s1.loss and tr.consumed == 8
