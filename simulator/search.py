@@ -338,7 +338,8 @@ def _explain_losers(rows: list[SearchRow]) -> None:
             mine, theirs = _fast_components(r.breakdown), _fast_components(win.breakdown)
         gaps = {k: mine[k] - theirs.get(k, 0.0) for k in mine}
         k = max(gaps, key=gaps.get)
-        r.loses_by = f"{k} +{gaps[k]:.3g} s" if gaps[k] > 0 else "tie"
+        # below a microsecond per step the difference is rounding, not a cause
+        r.loses_by = f"{k} +{gaps[k]:.3g} s" if gaps[k] > 1e-6 else "tie"
 
 
 def resolve_auto(spec: Spec, by: str = "step_time") -> tuple[Spec, SearchResult]:

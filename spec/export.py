@@ -30,6 +30,7 @@ import re
 import shlex
 import tomllib
 
+from .compile import split_layers
 from .errors import SpecError, SpecIssue
 from .model import ModelSpec
 from .spec import Spec
@@ -44,7 +45,8 @@ MEGATRON_FLAGS = frozenset("""
 --make-vocab-size-divisible-by --swiglu --normalization --norm-epsilon --position-embedding-type --rotary-base
 --disable-bias-linear --untie-embeddings-and-output-weights --bf16 --fp16 --fp8-format --grad-reduce-in-bf16
 --optimizer --lr --min-lr --lr-decay-style --lr-warmup-iters --lr-wsd-decay-iters --weight-decay --clip-grad
---train-iters --seed --use-tp-pp-dp-mapping
+--train-iters --seed --use-tp-pp-dp-mapping --num-virtual-stages-per-pipeline-rank
+--account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split
 """.split())
 
 # Every [section] key export_torchtitan may emit, present in torchtitan's job_config.py at e347b1e5.
@@ -70,6 +72,22 @@ _TT_SCHEDULES = {"afab": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1
 _LR_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
 
+def _weighted_split(layers: int, chunks: int) -> list[int]:
+    """Layers per virtual stage when the embedding and the loss/head each count as one layer, extra layers going
+    to the first stages: torchtitan's generate_llm_fqn_per_model_part (torchtitan/distributed/pipeline_parallel.py,
+    input_weight = output_weight = 1) and Megatron-LM's --account-for-{embedding,loss}-in-pipeline-split."""
+    per, extra = divmod(layers + 2, chunks)
+    counts = [per + (1 if k < extra else 0) for k in range(chunks)]
+    counts[0] -= 1
+    counts[-1] -= 1
+    return counts
+
+
+def _uneven_matches(layers: int, chunks: int) -> bool:
+    """Whether the frameworks' weighted split gives exactly Loom's uneven split (compile.split_layers)."""
+    return _weighted_split(layers, chunks) == [len(r) for r in split_layers(layers, chunks)]
+
+
 def _train_iters(spec: Spec) -> int | None:
     t = spec.training.tokens
     return max(1, math.ceil(t / spec.tokens_per_step)) if t else None
@@ -78,7 +96,8 @@ def _train_iters(spec: Spec) -> int | None:
 def _check_plan(spec: Spec, target: str) -> None:
     if spec.parallel == "auto":
         raise SpecError([SpecIssue("parallel", "auto", f"export to {target} needs a concrete plan.",
-                                   "resolve it first (loom search, or resolve_auto(spec)), or write a [parallel] table.")])
+                                   "resolve it first (loom search, or resolve_auto(spec)), or write a "
+                                   "[parallel] table.")])
 
 
 # ---- Megatron-LM -----------------------------------------------------------------------------------------
@@ -125,9 +144,23 @@ def megatron_args(spec: Spec) -> tuple[list[str], list[str]]:
     # parallelism (megatron/core/model_parallel_config.py; arguments.py "distributed")
     add("--tensor-model-parallel-size", p.tp)
     add("--pipeline-model-parallel-size", p.pp)
+    chunks = p.pp * (p.vpp if p.schedule == "interleaved" else 1)
+    uneven = p.pp > 1 and m.layers % chunks != 0
     if p.schedule == "interleaved":
-        add("--num-layers-per-virtual-pipeline-stage", m.layers // (p.pp * p.vpp))
-    elif p.schedule == "afab" and p.pp > 1:
+        if uneven:
+            add("--num-virtual-stages-per-pipeline-rank", p.vpp)
+        else:
+            add("--num-layers-per-virtual-pipeline-stage", m.layers // (p.pp * p.vpp))
+    if uneven:
+        # Loom's uneven split (first and last virtual stage lighter) = Megatron counting the embedding and the
+        # loss as one layer each, when that split is the same
+        add("--account-for-embedding-in-pipeline-split")
+        add("--account-for-loss-in-pipeline-split")
+        if not _uneven_matches(m.layers, chunks):
+            notes.append(f"Megatron's weighted split {_weighted_split(m.layers, chunks)} differs from Loom's "
+                         f"{[len(r) for r in split_layers(m.layers, chunks)]}: set --pipeline-model-parallel-layout "
+                         "to match exactly")
+    if p.schedule == "afab" and p.pp > 1:
         notes.append("Megatron-LM has no all-forward-all-backward pipeline schedule: it runs 1F1B "
                      "(same bubble, less activation memory)")
     add("--context-parallel-size", p.cp)
@@ -304,11 +337,20 @@ def torchtitan_config(spec: Spec) -> tuple[dict[str, dict[str, object]], str, li
         notes.append("torchtitan always shards activations over TP (sequence parallel); sp = false is not expressible")
     par["pipeline_parallel_degree"] = p.pp
     if p.pp > 1:
+        chunks = p.pp * (p.vpp if p.schedule == "interleaved" else 1)
         par.update(pipeline_parallel_schedule=_TT_SCHEDULES[p.schedule],
-                   pipeline_parallel_layers_per_stage=m.layers // (p.pp * p.vpp),
-                   pipeline_parallel_microbatch_size=t.micro_batch,
-                   # Loom splits layers evenly; torchtitan's default gives the first/last stage one less
-                   pipeline_parallel_first_stage_less_layers=0, pipeline_parallel_last_stage_less_layers=0)
+                   pipeline_parallel_microbatch_size=t.micro_batch)
+        if m.layers % chunks == 0:
+            # Loom splits layers evenly; torchtitan's default gives the first/last stage one less
+            par.update(pipeline_parallel_layers_per_stage=m.layers // chunks,
+                       pipeline_parallel_first_stage_less_layers=0, pipeline_parallel_last_stage_less_layers=0)
+        else:
+            # Loom's uneven split = torchtitan's weighted split (embedding and head count as one layer each)
+            par.update(pipeline_parallel_first_stage_less_layers=1, pipeline_parallel_last_stage_less_layers=1)
+            if not _uneven_matches(m.layers, chunks):
+                notes.append(f"torchtitan's weighted split {_weighted_split(m.layers, chunks)} differs from "
+                             f"Loom's {[len(r) for r in split_layers(m.layers, chunks)]}: set "
+                             "parallelism.module_fqns_per_model_part to match exactly")
     par["context_parallel_degree"] = p.cp
     if tuple(p.mesh) != ("pp", "dp", "cp", "tp"):
         notes.append(f"mesh {list(p.mesh)}: torchtitan's mesh order is fixed (pp, dp_replicate, dp_shard·cp, tp)")

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from loom.spec import PRESETS, ModelSpec, SpecError, spec_from_dict
-from loom.spec.export import (MEGATRON_FLAGS, TORCHTITAN_KEYS, export_megatron, export_torchtitan, megatron_args,
-                              model_from_megatron, model_from_torchtitan, parse_megatron_args, parse_torchtitan,
-                              torchtitan_ffn)
+from loom.spec.compile import split_layers
+from loom.spec.export import (MEGATRON_FLAGS, TORCHTITAN_KEYS, _weighted_split, export_megatron, export_torchtitan,
+                              megatron_args, model_from_megatron, model_from_torchtitan, parse_megatron_args,
+                              parse_torchtitan, torchtitan_ffn)
 
 
 def make(model: dict | str = "llama3-70b", nodes: int = 128, **parallel) -> object:
@@ -53,7 +54,8 @@ def test_megatron_llama3_70b_maps_every_field():
 
 
 @pytest.mark.parametrize("zero,expect", [(0, {}), (1, {"use_distributed_optimizer": True}),
-                                         (2, {"use_megatron_fsdp": True, "data_parallel_sharding_strategy": "optim_grads"}),
+                                         (2, {"use_megatron_fsdp": True,
+                                              "data_parallel_sharding_strategy": "optim_grads"}),
                                          (3, {"use_megatron_fsdp": True,
                                               "data_parallel_sharding_strategy": "optim_grads_params"})])
 def test_megatron_zero_mapping(zero, expect):
@@ -158,3 +160,23 @@ def test_torchtitan_output_is_valid_toml_for_every_schedule():
     for sched, vpp in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
         out = export_torchtitan(make(schedule=sched, vpp=vpp))
         assert tomllib.loads(out)["parallelism"]["pipeline_parallel_schedule"] in ("GPipe", "1F1B", "Interleaved1F1B")
+
+
+def test_uneven_split_maps_to_the_frameworks_weighted_split():
+    """Llama 3 405B: 126 layers on 16 stages (7, 8×14, 7), also interleaved ×2 (3, 4×30, 3). Megatron counts the
+    embedding and the loss as layers, torchtitan gives the first and last stage one layer less: the same split."""
+    for vpp, sched in ((1, "1f1b"), (2, "interleaved")):
+        spec = make("llama3-405b", nodes=64, dp=4, tp=8, pp=16, schedule=sched, vpp=vpp, uneven_split=True,
+                    training={"global_batch": 512})
+        assert _weighted_split(126, 16 * vpp) == [len(r) for r in split_layers(126, 16 * vpp)]
+        args = parse_megatron_args(export_megatron(spec))
+        assert args["account_for_embedding_in_pipeline_split"] is True
+        assert args["account_for_loss_in_pipeline_split"] is True
+        assert "num_layers_per_virtual_pipeline_stage" not in args
+        assert args.get("num_virtual_stages_per_pipeline_rank") == (str(vpp) if vpp > 1 else None)
+        par = parse_torchtitan(export_torchtitan(spec))[0]["parallelism"]
+        assert "pipeline_parallel_layers_per_stage" not in par
+        assert par["pipeline_parallel_first_stage_less_layers"] == 1
+        assert par["pipeline_parallel_last_stage_less_layers"] == 1
+        flags, _ = megatron_args(spec)
+        assert {f for f in flags if f.startswith("--")} <= MEGATRON_FLAGS
