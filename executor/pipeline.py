@@ -115,7 +115,19 @@ class PipelineRunner:
     def _what(self, a: PPAction) -> str:
         return f"pp stage {self.stage}: {a.kind} micro-batch {a.microbatch} chunk {a.chunk} (peer stage {self._peer(a)})"
 
-    def step(self, program: Iterable[Any], on_other: Callable[[Any], None] | None = None) -> StepResult:
+    def step(self, program: Iterable[Any], on_other: Callable[[Any], None] | None = None,
+             before_backward: Callable[[PPAction, int, int], None] | None = None,
+             after_backward: Callable[[PPAction], None] | None = None) -> StepResult:
+        """Run the program once. `on_other(op)` gets every op that is not pipeline work, in program order;
+        `before_backward(action, k, n)` runs before each B: it is the k-th of the n backwards of its chunk in this
+        program (DP wrappers arm their gradient reduction for the last one); `after_backward(action)` after it."""
+        program = list(program)
+        n_b: dict[int, int] = {}
+        for item in program:
+            a = to_action(item)
+            if a is not None and a.kind == "B":
+                n_b[a.chunk] = n_b.get(a.chunk, 0) + 1
+        k_b: dict[int, int] = {}
         recv_act: dict[tuple[int, int], P2PRequest] = {}
         recv_grad: dict[tuple[int, int], P2PRequest] = {}
         inputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -165,6 +177,9 @@ class PipelineRunner:
             elif a.kind == "B":
                 if key not in done_f or key in done_b:
                     raise PipelineError(f"stage {self.stage}: {a} without its forward, or twice")
+                if before_backward is not None:
+                    before_backward(a, k_b.get(a.chunk, 0), n_b[a.chunk])
+                k_b[a.chunk] = k_b.get(a.chunk, 0) + 1
                 ch, out = self.chunks[a.chunk], outputs.pop(key)
                 if ch.last:
                     torch.autograd.backward(out)
@@ -174,6 +189,8 @@ class PipelineRunner:
                     torch.autograd.backward(out, recv_grad.pop(key).wait())
                 if not ch.first:
                     to_send_grad[key] = inputs.pop(key).grad
+                if after_backward is not None:
+                    after_backward(a)
                 done_b.add(key)
             elif a.kind == "SEND_GRAD":
                 if key not in to_send_grad:

@@ -20,6 +20,10 @@ LAYOUTS = {
     "pp2xtp2": Cfg(pp=2, tp=2),
     "pp2xtp2-sp": Cfg(pp=2, tp=2, sp=True),
     "dp2xpp2-zero1": Cfg(dp=2, pp=2, zero=1),
+    "dp2xpp2-zero2-untied": Cfg(dp=2, pp=2, zero=2, model=dict(layers=4, hidden=32, heads=4, kv_heads=2,
+                                                                ffn_hidden=64, vocab=64, seq_len=16)),
+    # clipping active (the norm is ~0.1): a wrong global norm over stages / the tied copy changes every update
+    "dp2xpp2-interleaved-clip": Cfg(dp=2, pp=2, schedule="interleaved", vpp=2, grad_clip=0.02),
 }
 
 
@@ -44,6 +48,7 @@ def test_pipeline_training_matches_single_process(runs, name):
     # gradient) makes a wrong gradient show up in the parameters at its own size.
     assert err["loss"] < 1e-5 * ref["losses"][0], err
     assert err["param"] < 1e-6, err
+    assert err["norm_rel"] < 1e-5, err
     init = train_reference(dataclasses.replace(cfg, steps=0))["params"]
     moved = max((ref["params"][n] - init[n]).abs().max().item() for n in init)
     assert moved > 1e-3                       # the comparison is not vacuous: training changed the parameters
@@ -73,8 +78,6 @@ def test_executed_op_order_is_the_plans(runs, name):
         assert r["trace"] == r["plan"], f"stage {stage}"
         # and the plan's pipeline ops are the schedule generator's, action for action
         assert r["plan"] == [str(to_action(a)) for a in sched[stage]]
-        # DP reductions and the optimizer were handed back to the caller, in the plan's order
-        assert r["others"][-1] == "optimizer"
 
 
 def test_schedules_really_differ():
@@ -141,3 +144,16 @@ def test_one_stage_pipeline_accumulates_the_micro_batch_losses():
 def test_chunk_roles_must_match_the_virtual_stage():
     with pytest.raises(PipelineError, match="virtual stage 0 of 1"):
         PipelineRunner([Chunk(lambda x, mb: x, False, True)], SINGLE, (1,), torch.float32)
+
+
+@pytest.mark.parametrize("zero, tied, match", [(3, False, "ZeRO-3 with pipeline"), (2, True, "tied embeddings")])
+def test_unsupported_stage_combinations_are_named_errors(zero, tied, match):
+    from loom.executor.comm import Group
+    from loom.executor.pp_stage import Stage
+    from loom.spec.compile import compile_plan
+    from test_executor_pp_harness import make_spec
+    model = dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64, vocab=64, seq_len=16, tied_embeddings=tied)
+    spec = make_spec(Cfg(dp=2, pp=2, zero=zero, model=model))
+    groups = {"pp": Group("pp", None, 2, 0), "tp": SINGLE, "cp": SINGLE, "dp+cp": Group("dp+cp", None, 2, 0)}
+    with pytest.raises(ValueError, match=match):
+        Stage(spec, compile_plan(spec), groups)

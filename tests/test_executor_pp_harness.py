@@ -99,8 +99,7 @@ ORDER = ("pp", "dp", "cp", "tp")
 def make_groups(sizes: dict[str, int]) -> dict | None:
     """Process groups of the layout `sizes` laid out on global ranks [0, size) in ORDER (row-major, tp innermost,
     as loom.spec.mesh.Mesh). Every rank of the pool must call this (new_group is collective); ranks outside the
-    layout get None. Extra groups: "dpcp" (the gradient-reduction group: dp and cp flattened) and "emb" (first and
-    last pipeline stage, for tied embeddings)."""
+    layout get None. Extra groups from executor.pp_stage.make_extra_groups: "dp+cp" and "emb"."""
     from loom.executor.comm import Group
     from loom.spec.mesh import Mesh
 
@@ -116,13 +115,8 @@ def make_groups(sizes: dict[str, int]) -> dict | None:
 
     for d in ORDER:
         add(d, mesh.groups(d))
-    dpcp = {}
-    for r in range(n):
-        c = mesh.coords(r)
-        dpcp.setdefault((c["pp"], c["tp"]), []).append(r)
-    add("dp+cp", list(dpcp.values()))
-    from loom.executor.pipeline import embedding_group_ranks
-    add("emb", embedding_group_ranks(mesh))
+    from loom.executor.pp_stage import make_extra_groups
+    mine.update(make_extra_groups(mesh))
     if me >= n:
         return None
     mine["coords"] = mesh.coords(me)
@@ -146,6 +140,7 @@ class Cfg:
     steps: int = 2
     lr: float = 0.5
     optimizer: str = "sgd"
+    grad_clip: float = 0.0
     model: dict = field(default_factory=lambda: dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64,
                                                        vocab=64, seq_len=16, tied_embeddings=True))
 
@@ -190,8 +185,19 @@ def _optimizer(dpw, cfg: Cfg):
     return FlatAdamW(dpw.param_shards(), decay, cfg.optimizer, weight_decay=0.1)
 
 
+def _optimize(dpw, opt, cfg: Cfg, count, groups) -> float:
+    """Part 1's clipping and optimizer step over the wrapper's shards; returns the global gradient norm."""
+    from loom.executor.optim import clip_, global_grad_norm
+    grads = dpw.grad_shards()
+    norm = global_grad_norm(grads, count, groups)
+    clip_(grads, norm, cfg.grad_clip)
+    opt.step(grads, cfg.lr)
+    dpw.zero_grad()
+    return float(norm)
+
+
 def train_reference(cfg: Cfg) -> dict:
-    """Single process: the whole model, all micro-batches of the global batch, same optimizer arithmetic."""
+    """Single process: the whole model, the whole global batch, the same optimizer arithmetic."""
     from loom.executor.comm import SINGLE
     from loom.executor.dp import DataParallel
     from loom.executor.model import BuildCtx, Decoder
@@ -199,27 +205,23 @@ def train_reference(cfg: Cfg) -> dict:
     dec = Decoder(BuildCtx(spec.model, seed=0))
     dpw = DataParallel(dec, SINGLE, SINGLE, 0, 25.0)
     opt = _optimizer(dpw, cfg)
-    data, scale, losses = tokens(cfg), 1.0 / (cfg.global_batch * cfg.model["seq_len"]), []
+    data, scale, losses, norms = tokens(cfg), 1.0 / (cfg.global_batch * cfg.model["seq_len"]), [], []
     for step in range(cfg.steps):
-        dpw.zero_grad()
         dpw.start_micro_batch(0, 1)
         x = data[step]
         loss = dec.token_losses(dec(x[:, :-1]), x[:, 1:]).sum() * scale
         loss.backward()
-        loss = loss.detach()
         dpw.finish_backward()
-        opt.step(dpw.grad_shards(), cfg.lr)
+        norms.append(_optimize(dpw, opt, cfg, dpw.masks()[1], dpw.norm_groups()))
         losses.append(loss.item())
-    return {"losses": losses, "params": named_params([dec])}
+    return {"losses": losses, "norms": norms, "params": named_params([dec])}
 
 
 def train_parallel(cfg: Cfg) -> dict | None:
-    """One rank of `cfg`'s layout; returns losses (last stage), params, and the executed pipeline trace."""
-    from loom.executor.context_parallel import apply_context_parallel, shard_batch
-    from loom.executor.dp import DataParallel
-    from loom.executor.model import BuildCtx, Decoder
-    from loom.executor.pipeline import (PipelineRunner, decoder_chunk, stage_program, sync_tied_embedding_grad,
-                                        tied_embedding_param)
+    """One rank of `cfg`'s layout (executor.pp_stage.Stage driven by the compiled plan's program); returns the
+    losses (summed over the last stage's dp×cp replicas), gradient norms, parameters, executed pipeline trace."""
+    from loom.executor.pipeline import stage_program
+    from loom.executor.pp_stage import Stage
     from loom.spec.compile import compile_plan
     groups = make_groups({"pp": cfg.pp, "dp": cfg.dp, "cp": cfg.cp, "tp": cfg.tp})
     if groups is None:
@@ -227,55 +229,32 @@ def train_parallel(cfg: Cfg) -> dict | None:
     spec = make_spec(cfg)
     plan = compile_plan(spec)
     c = groups["coords"]
-    stage, pp, tp, cp, dpcp = c["pp"], groups["pp"], groups["tp"], groups["cp"], groups["dp+cp"]
-    n_virtual = cfg.pp * cfg.vpp
-    decoders = []
-    for chunk, layers in enumerate(plan.stage_chunks[stage]):
-        j = chunk * cfg.pp + stage
-        d = Decoder(BuildCtx(spec.model, tp=tp, sp=cfg.sp, seed=0), layers=layers, first=j == 0,
-                    last=j == n_virtual - 1)
-        apply_context_parallel(d, cp, cfg.cp_layout)
-        decoders.append(d)
-    stage_model = nn.ModuleList(decoders)
-    tied = tied_embedding_param(decoders) if spec.model.tied_embeddings else None
-    dpw = DataParallel(stage_model, dpcp, tp, cfg.zero, 25.0)
-    opt = _optimizer(dpw, cfg)
-
-    data, scale = tokens(cfg), 1.0 / (cfg.global_batch * cfg.model["seq_len"])
+    stage = Stage(spec, plan, groups, cp_layout=cfg.cp_layout)
+    opt = _optimizer(stage, cfg)
+    count = stage.masks()[1]
+    data = tokens(cfg)
     per_replica = cfg.global_batch // cfg.dp
-    step_box = [0]
-
-    def batch(mb: int):
-        rows = slice(c["dp"] * per_replica + mb * cfg.micro_batch, c["dp"] * per_replica + (mb + 1) * cfg.micro_batch)
-        x = data[step_box[0], rows]
-        return shard_batch(x[:, :-1], x[:, 1:], cp, cfg.cp_layout)
-
-    chunks = [decoder_chunk(d, batch, scale) for d in decoders]
-    s_local = cfg.model["seq_len"] // cfg.cp // (cfg.tp if cfg.sp else 1)
-    runner = PipelineRunner(chunks, pp, (s_local, cfg.micro_batch, cfg.model["hidden"]), torch.float32)
-    losses, traces, others = [], [], []
+    program = stage_program(plan, c["pp"])
+    losses, norms, traces, others = [], [], [], []
     for step in range(cfg.steps):
-        step_box[0] = step
-        dpw.zero_grad()
-        dpw.start_micro_batch(0, 2)                  # accumulate without communicating until the pipeline drains
-        res = runner.step(stage_program(plan, stage), on_other=lambda op: others.append(op.kind.value))
-        if tied is not None:
-            u = dpw.unit_of[tied]
-            off = u.offsets[dpw.index_in_unit[tied]]
-            sync_tied_embedding_grad(u.grad[off:off + tied.numel()], groups["emb"])
-        dpw.sync_now = True
-        dpw.finish_backward()
-        opt.step(dpw.grad_shards(), cfg.lr)
-        dpw.gather_params()
+        def batch(mb: int, step=step):
+            lo = c["dp"] * per_replica + mb * cfg.micro_batch
+            x = data[step, lo:lo + cfg.micro_batch]
+            return x[:, :-1], x[:, 1:]
+
+        def optimize():
+            norms.append(_optimize(stage, opt, cfg, count, stage.norm_groups()))
+        res = stage.step(program, batch, optimize, stage.gather_params)
+        others.append([op.kind.value for op in program if op.kind.value in ("dp_allreduce", "dp_reducescatter",
+                                                                          "optimizer", "zero_allgather")])
         losses.append(res.loss)
         traces.append(res.trace)
-    # The loss of the step, summed over the dp×cp replicas of the last stage (each holds a share of the tokens).
     total = torch.tensor([l if l is not None else 0.0 for l in losses], dtype=torch.float64)
-    if dpcp.active:
-        dist.all_reduce(total, group=dpcp.pg)
-    return {"coords": c, "losses": total.tolist() if res.loss is not None else None,
-            "params": named_params(decoders), "trace": traces[0], "others": others,
-            "plan": [str(a) for a in _pp_actions(stage_program(plan, stage))]}
+    if groups["dp+cp"].active:
+        dist.all_reduce(total, group=groups["dp+cp"].pg)
+    return {"coords": c, "losses": total.tolist() if res.loss is not None else None, "norms": norms,
+            "params": named_params(stage.decoders), "trace": traces[0],
+            "plan": [str(a) for a in _pp_actions(program)]}
 
 
 def _pp_actions(program) -> list:
@@ -285,10 +264,12 @@ def _pp_actions(program) -> list:
 
 def compare(cfg: Cfg, results: list, ref: dict, atol: float = 2e-5) -> dict:
     """Max abs differences of losses and final parameters (TP shards against the matching slice)."""
-    worst_loss, worst_param, seen = 0.0, 0.0, set()
+    worst_loss, worst_param, worst_norm, seen = 0.0, 0.0, 0.0, set()
     for r in results:
         if r is None:
             continue
+        assert len(r["norms"]) == cfg.steps                 # the optimizer ran once per step, on every rank
+        worst_norm = max([worst_norm] + [abs(a - b) / b for a, b in zip(r["norms"], ref["norms"])])
         if r["losses"] is not None:
             for a, b in zip(r["losses"], ref["losses"]):
                 worst_loss = max(worst_loss, abs(a - b))
@@ -303,7 +284,7 @@ def compare(cfg: Cfg, results: list, ref: dict, atol: float = 2e-5) -> dict:
             seen.add(name)
     missing = set(ref["params"]) - seen
     assert not missing, f"parameters never compared: {sorted(missing)}"
-    return {"loss": worst_loss, "param": worst_param}
+    return {"loss": worst_loss, "param": worst_param, "norm_rel": worst_norm}
 
 
 _POOL: RankPool | None = None

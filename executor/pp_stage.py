@@ -1,0 +1,195 @@
+"""One rank's pipeline stage with everything the training loop needs: its model chunks (part 1's `Decoder`, one
+per virtual stage, context-parallel when cp > 1), one DP/ZeRO wrapper per chunk, the pipeline runner, the tied
+embedding's gradient sync, and a DataParallel-like facade (grad_shards, param_shards, masks, norm_groups,
+gather_params, zero_grad) so the optimizer code runs unchanged over all chunks.
+
+Where the plan's non-pipeline ops land (`Stage.step`):
+- the chunk's *last* backward of the step runs with its DP hooks armed (DataParallel.start_micro_batch(k, n)), so
+  its gradient buckets are reduced while that backward proceeds, as the plan's edge "DP bucket <- the chunk's last
+  backward" says;
+- `dp_allreduce` / `dp_reducescatter` of chunk c waits for chunk c's buckets (one DataParallel per model chunk, as
+  Megatron keeps one DDP buffer per chunk, so chunk c's reduction does not wait for the other chunks' backwards);
+- `optimizer`: the caller's optimizer step, after the tied-embedding gradient sum (below);
+- `zero_allgather`: the caller's parameter gather.
+Tied embeddings with pp > 1 (Megatron-LM core/distributed/finalize_model_grads.py, `_allreduce_embedding_grads`):
+the first stage's input embedding and the last stage's LM head are two copies of one weight; their accumulated
+gradients are summed over {first stage, last stage} once every backward of the step is done, before the DP
+reduction of the chunk holding the copy (so the DP reduce-scatter of ZeRO >= 1 sees the summed gradient). That
+chunk's DP reduction therefore runs at the `optimizer` op instead of its own `dp_*` op: doing the cross-stage sum
+earlier could deadlock (the last stage would wait for the first while the first waits for the last stage's
+gradients). ZeRO-2/3 (part 1's DataParallel) reduce-scatter after every micro-batch's backward (`after_backward`
+below), so they cannot take the tied sum this way (checked).
+The gradient norm adds over the pp group as well, counting the tied weight once (on the first stage), like
+Megatron-LM's clip_grads (which skips the shared embedding on the last stage).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .comm import Group
+from .context_parallel import apply_context_parallel, shard_batch
+from .cp_layout import Layout
+from .dp import DataParallel
+from .model import BuildCtx, Decoder
+from .pipeline import (Chunk, PipelineRunner, PPAction, StepResult, decoder_chunk, embedding_group_ranks,
+                       sync_tied_embedding_grad, tied_embedding_param)
+from .pp_p2p import DEFAULT_TIMEOUT_S
+
+
+def make_extra_groups(mesh: Any) -> dict[str, Group]:
+    """The groups PP/CP need beyond the mesh dims, for this rank (`mesh`: a `loom.spec.mesh.Mesh`):
+    "dp+cp" (gradient reduction: parameters are replicated over dp and cp) and "emb" (first and last pipeline
+    stage of the same dp, cp, tp coordinates). Collective: every rank must call it, in the same order."""
+    me = dist.get_rank()
+    out: dict[str, Group] = {}
+    dpcp: dict[tuple[int, int], list[int]] = {}
+    for r in range(mesh.world_size):
+        c = mesh.coords(r)
+        dpcp.setdefault((c["pp"], c["tp"]), []).append(r)
+    for name, groups in (("dp+cp", list(dpcp.values())), ("emb", embedding_group_ranks(mesh))):
+        for ranks in groups:
+            pg = dist.new_group(ranks) if len(ranks) > 1 else None
+            if me in ranks:
+                out[name] = Group(name, pg, len(ranks), ranks.index(me))
+    return out
+
+
+class Stage:
+    """This rank's stage. `groups`: "pp", "tp", "cp", "dp+cp", "emb" (comm.Group each)."""
+
+    def __init__(self, spec: Any, plan: Any, groups: dict[str, Group], *, cp_layout: Layout = "zigzag",
+                 device: torch.device | str = "cpu", grad_dtype: torch.dtype = torch.float32,
+                 act_dtype: torch.dtype = torch.float32, timeout_s: float = DEFAULT_TIMEOUT_S):
+        p, t, m = spec.plan, spec.training, spec.model
+        self.spec, self.plan, self.groups = spec, plan, groups
+        self.pp, self.tp, self.cp, self.dpcp = groups["pp"], groups["tp"], groups["cp"], groups["dp+cp"]
+        self.stage, self.cp_layout = self.pp.rank, cp_layout
+        ctx = BuildCtx(m, self.tp, p.sp, t.recompute, t.seed, torch.device(device))
+        n_virtual = p.pp * len(plan.stage_chunks[self.stage])
+        self.decoders: list[Decoder] = []
+        for c, layers in enumerate(plan.stage_chunks[self.stage]):
+            j = c * p.pp + self.stage
+            d = Decoder(ctx, layers=layers, first=j == 0, last=j == n_virtual - 1)
+            apply_context_parallel(d, self.cp, cp_layout, timeout_s)
+            self.decoders.append(d)
+        self.tied = tied_embedding_param(self.decoders) if m.tied_embeddings and p.pp > 1 else None
+        if p.zero == 3 and p.pp > 1:
+            raise ValueError("ZeRO-3 with pipeline parallelism is not supported by this executor yet (its per-layer "
+                             "parameter gathers are not scheduled against the pipeline's micro-batches); fix: "
+                             "parallel.zero <= 2, or pp = 1")
+        if self.tied is not None and p.zero >= 2:
+            raise ValueError("tied embeddings with pp > 1 need parallel.zero <= 1 in this executor (ZeRO-2/3 "
+                             "reduce-scatter every micro-batch, before the cross-stage sum of the tied gradient); "
+                             "fix: zero = 1, or model.tied_embeddings = false")
+        self.dps = [DataParallel(d, self.dpcp, self.tp, p.zero, p.bucket_MB, grad_dtype,
+                                 layer_units=list(d.layers)) for d in self.decoders]
+        self.tied_chunk = next((c for c, dp in enumerate(self.dps) if self.tied in dp.unit_of), None) \
+            if self.tied is not None else None
+        self._uncount_tied_copy()
+        self.global_tokens = t.global_batch * m.seq_len
+        s_local = m.seq_len // p.cp // (p.tp if p.sp else 1)
+        self.act_shape = (s_local, t.micro_batch, m.hidden)
+        self.runner_args = (self.pp, self.act_shape, act_dtype, torch.device(device), timeout_s)
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    def step(self, program: list[Any], batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+             optimize: Callable[[], None], gather: Callable[[], None] | None = None) -> StepResult:
+        """Run one step of the plan's program. `batch(mb)` gives micro-batch mb's full-sequence (ids, targets) for
+        this DP replica (sliced here for cp); `optimize()` steps the optimizer over `grad_shards()`."""
+
+        def local_batch(mb: int):
+            ids, tgt = batch(mb)
+            return shard_batch(ids, tgt, self.cp, self.cp_layout)
+
+        chunks: list[Chunk] = [decoder_chunk(d, local_batch, 1.0 / self.global_tokens) for d in self.decoders]
+        runner = PipelineRunner(chunks, *self.runner_args)
+        reduced: set[int] = set()
+
+        def before_backward(a: PPAction, k: int, n: int) -> None:
+            # DataParallel's accumulation protocol, per chunk: the k-th of n backwards; buckets are reduced from
+            # the hooks of the last one (overlapping it), earlier ones only accumulate.
+            # The chunk holding a tied copy never arms its hooks: it is reduced at the optimizer op.
+            self.dps[a.chunk].start_micro_batch(k, n + 1 if a.chunk == self.tied_chunk else n)
+
+        def on_other(op: Any) -> None:
+            kind = op.kind.value
+            if kind in ("dp_allreduce", "dp_reducescatter") and op.chunk not in reduced \
+                    and op.chunk != self.tied_chunk:
+                self.dps[op.chunk].finish_backward()
+                reduced.add(op.chunk)
+            elif kind == "optimizer":
+                self._sync_tied()
+                self._finish_all(reduced)
+                optimize()
+            elif kind == "zero_allgather" and gather is not None:
+                gather()
+
+        def after_backward(a: PPAction) -> None:
+            if self.dps[a.chunk].zero >= 2:                  # reduce-scatter every micro-batch, free the full grad
+                self.dps[a.chunk].finish_backward()
+
+        return runner.step(program, on_other=on_other, before_backward=before_backward,
+                           after_backward=after_backward)
+
+    def _finish_all(self, reduced: set[int]) -> None:
+        for c, dp in enumerate(self.dps):                    # a plan without DP ops (dp = cp = 1) still reduces SP
+            if c not in reduced:
+                dp.sync_now = True
+                dp.finish_backward()
+                reduced.add(c)
+
+    def _sync_tied(self) -> None:
+        if self.tied is None:
+            return
+        dp = self.dps[self.tied_chunk]
+        u = dp.unit_of[self.tied]
+        off = u.offsets[dp.index_in_unit[self.tied]]
+        sync_tied_embedding_grad(u.grad[off:off + self.tied.numel()], self.groups["emb"])
+
+    def _uncount_tied_copy(self) -> None:
+        """The last stage's copy of the tied embedding is not counted in the gradient norm (the first's is)."""
+        if self.tied is None or not any(d.last for d in self.decoders):
+            return
+        dp = next(d for d in self.dps if self.tied in d.unit_of)
+        u = dp.unit_of[self.tied]
+        lo = u.offsets[dp.index_in_unit[self.tied]]
+        hi = lo + self.tied.numel()
+        _, counts = dp.masks()
+        cnt = counts[dp.units.index(u)]
+        base = dp.dp.rank * (u.numel // dp.dp.size) if dp.zero >= 1 else 0
+        a, b = max(lo - base, 0), min(hi - base, cnt.numel())
+        if a < b:
+            cnt[a:b] = False
+
+    # ---- DataParallel-like facade over the chunks -------------------------------------------------------------
+    def grad_shards(self) -> list[torch.Tensor]:
+        return [g for dp in self.dps for g in dp.grad_shards()]
+
+    def param_shards(self) -> list[torch.Tensor]:
+        return [p for dp in self.dps for p in dp.param_shards()]
+
+    def masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        decay, count = [], []
+        for dp in self.dps:
+            d, c = dp.masks()
+            decay += d
+            count += c
+        return decay, count
+
+    def norm_groups(self) -> list[Group]:
+        return self.dps[0].norm_groups() + [self.pp]
+
+    def gather_params(self) -> None:
+        for dp in self.dps:
+            dp.gather_params()
+
+    def zero_grad(self) -> None:
+        for dp in self.dps:
+            dp.zero_grad()
+
+    def modules(self) -> nn.ModuleList:
+        return nn.ModuleList(self.decoders)
