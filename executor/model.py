@@ -146,6 +146,7 @@ class Decoder(nn.Module):
         self.spec, self.tp, self.sp = m, tp, ctx.sp and tp.active
         self.first, self.last = first, last
         self.recompute = ctx.recompute
+        self.fused_ce: bool | None = None        # None: the fused kernel loss on CUDA without TP (tests force it)
         self.vocab_padded = padded_vocab(m.vocab, tp.size)
         layers = range(m.layers) if layers is None else layers
         emb_full = None
@@ -203,6 +204,18 @@ class Decoder(nn.Module):
         logits = F.linear(h, self.head_weight)
         per = self.vocab_padded // self.tp.size
         return vocab_parallel_cross_entropy(logits, targets.t(), self.tp.rank * per, self.spec.vocab, self.tp)
+
+    def loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Σ token losses (fp32 scalar). One CUDA rank without TP uses loom.kernels' chunked fused linear
+        cross-entropy (the logits are never materialised); otherwise the vocab-parallel loss above."""
+        use = self.fused_ce if self.fused_ce is not None else x.is_cuda
+        fused = ops.fused_linear_cross_entropy() if (use and not self.tp.active) else None
+        if fused is None:
+            return self.token_losses(x, targets).sum()
+        h = self.norm(x)
+        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else h.dtype
+        w = self.head_weight[: self.spec.vocab]
+        return fused(h.to(dt), w.to(dt), targets.t().contiguous(), reduction="sum")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.run_layers(self.embed_tokens(ids))

@@ -99,3 +99,8 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def fused_linear_cross_entropy() -> Callable | None:
+    """loom.kernels' chunked linear + cross-entropy (hidden, weight, targets, reduction="sum"), if present."""
+    return _kernel("fused_linear_cross_entropy")

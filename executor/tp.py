@@ -165,18 +165,20 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, start, vocab, group):
-        logits = logits.float()
-        local_v = logits.shape[-1]
-        col = torch.arange(start, start + local_v, device=logits.device)
-        logits = logits.masked_fill(col >= vocab, float("-inf"))
-        m = logits.max(dim=-1).values
+        # One fp32 working copy, then in place: a (tokens, vocab/tp) buffer is the largest activation of a step.
+        z = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        local_v = z.shape[-1]
+        if start + local_v > vocab:                          # TP padding columns take no probability
+            col = torch.arange(start, start + local_v, device=z.device)
+            z.masked_fill_(col >= vocab, float("-inf"))
+        m = z.max(dim=-1).values
         comm.all_reduce(m, group, op=torch.distributed.ReduceOp.MAX)
-        z = logits - m[..., None]
+        z.sub_(m[..., None])
         inside = (targets >= start) & (targets < start + local_v)
         tgt = (targets - start).clamp(0, local_v - 1)
         picked = z.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(~inside, 0.0)
         comm.all_reduce(picked, group)
-        e = z.exp()
+        e = z.exp_()
         s = e.sum(-1)
         comm.all_reduce(s, group)
         loss = s.log() - picked

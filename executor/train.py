@@ -126,8 +126,8 @@ class Trainer:
                     self.dp.gather_root()
                 with self._autocast():
                     x = self.model(ids)
-                    tok = self.model.token_losses(x, tgt)
-                loss = tok.sum() / self.global_tokens      # mean over the *global* batch: DP reduces by sum
+                    total = self.model.loss_sum(x, tgt)
+                loss = total / self.global_tokens          # mean over the *global* batch: DP reduces by sum
                 loss_sum += loss.detach()
                 losses[op.microbatch] = loss * self.scaler.scale if self.scaler else loss
             elif kind == "backward":
