@@ -186,16 +186,19 @@ def _comm_buffers(spec: Spec, stage: int, tokens: float) -> int:
       would multiply all-gather traffic by m, so the gathered parameters stay unsharded for the whole step and
       gradients accumulate unsharded until the last micro-batch's reduce-scatter (torchtitan's FSDP under
       pipeline parallelism: reshard_after_forward is off when pp is on, and torch.distributed.pipelining only
-      syncs gradients on the last backward; DeepSpeed forbids ZeRO-3 with PP for this reason). So the whole
-      stage's parameters (param bytes) and gradients (grad bytes) are counted unsharded.
+      syncs gradients on the last backward; DeepSpeed forbids ZeRO-2/3 with PP for this reason). So the whole
+      stage's parameters (param bytes) and gradients (grad bytes) are counted unsharded. ZeRO-2 with pp > 1
+      likewise reduces once per step (the plan compiler's rule), so its full gradients are counted too.
     - CP > 1: ring attention's send and receive K/V blocks, 2 × (K + V) of the local sequence (Liu et al. 2023,
       Ring Attention; Megatron/TE's context-parallel attention double-buffers them).
     """
     p, t, m = spec.plan, spec.training, spec.model
     total = 0.0
-    if p.zero == 3 and p.pp > 1:
+    if p.zero >= 2 and p.pp > 1:
+        # Under pipelining the plan reduces ZeRO-2/3 gradients once per step (compile.py), so the stage's
+        # gradients accumulate unsharded, and ZeRO-3 also keeps the stage's parameters gathered.
         n = stage_params_per_gpu(m, p.pp, p.tp, stage, p.vpp)
-        total += n * (param_bytes(t.precision) + grad_bytes(spec))
+        total += n * ((param_bytes(t.precision) if p.zero == 3 else 0) + grad_bytes(spec))
     elif p.zero == 3:
         units = sorted(_units_per_gpu(m, p.pp, p.tp, stage, p.vpp), reverse=True)
         total += sum(units[:2]) * param_bytes(t.precision) + units[0] * grad_bytes(spec)
