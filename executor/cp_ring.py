@@ -7,9 +7,11 @@ s+1 is issued before step s's block is computed, so communication overlaps compu
 K and V travel as one (2, batch, kv_heads, seq_local, head_dim) buffer: with GQA only kv_heads heads are sent.
 
 Backward (same paper, and TransformerEngine's `AttnFuncWithCPAndKVP2P.backward` for the structure): K/V travel the
-ring again, and with them an fp32 dK/dV accumulator: at step s rank r holds block (r-s) mod n and that block's
-accumulator, adds its contribution and passes the accumulator on; after n steps (n sends) every accumulator is
-back at its owner. dQ stays local.
+ring again (n-1 exchanges), and with them an fp32 dK/dV accumulator: at step s >= 1 rank r holds block (r-s) mod n
+and that block's travelling accumulator, adds its contribution and passes it on. The owner keeps its own (step 0)
+contribution locally, so the accumulator of block j starts at rank j+1 and reaches j after n-1 hops: n-1 dK/dV
+messages, like the K/V ones. dQ stays local. The accumulator travels in fp32 (twice the bytes of bf16 K/V) so the
+n-1 partial sums do not round to bf16 on the way.
 
 Block gradients use the merged (out, lse) of the whole row: FlashAttention-2's backward (Dao 2023, Alg. 2) with
 P = exp(S - lse) and delta = rowsum(dO·out) taken from the merged row is exactly the block's share of the full
@@ -109,29 +111,32 @@ class RingAttention(torch.autograd.Function):
         ring = _Ring(group, timeout_s)
         dq = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
         kv = torch.stack((k, v))
-        dkv = torch.zeros(kv.shape, dtype=_acc(q), device=q.device)
-        pend_d = None
+        own = torch.zeros(kv.shape, dtype=_acc(q), device=q.device)    # step 0: this rank's own block
+        travel, pend_d = None, None
         for step in range(n):
             pend_kv = ring.shift(kv, _TAG_BWD_KV + step, f"K/V (backward) step {step}") if step < n - 1 else None
-            if pend_d is not None:                          # the accumulator of the block we now hold
-                dkv = pend_d[0].wait()
+            if step == 1:
+                travel = torch.zeros_like(own)              # the accumulator of block r-1 starts here
+            elif step >= 2:                                 # the accumulator of the block we now hold
+                travel = pend_d[0].wait()
                 pend_d[1].wait()
+            acc = own if step == 0 else travel
             blk = visible_block(r, (r - step) % n, L, layout, causal)
             if blk is not None:
                 gq, gk, gv = _block_grads(_rows(q, blk.q), _rows(kv[0], blk.k), _rows(kv[1], blk.k),
                                           _rows(out, blk.q), _rows(lse, blk.q), _rows(dout, blk.q), blk.causal, scale)
                 dq[:, :, blk.q] += gq.to(dq.dtype)
-                dkv[0][:, :, blk.k] += gk.to(dq.dtype)
-                dkv[1][:, :, blk.k] += gv.to(dq.dtype)
-            if n > 1:
-                pend_d = ring.shift(dkv, _TAG_BWD_DKV + step, f"dK/dV step {step}")
+                acc[0][:, :, blk.k] += gk.to(dq.dtype)
+                acc[1][:, :, blk.k] += gv.to(dq.dtype)
+            if step >= 1:                                   # after step n-1 it goes home: r+1 owns block r-(n-1)
+                pend_d = ring.shift(travel, _TAG_BWD_DKV + step, f"dK/dV step {step}")
             if pend_kv is not None:
                 kv = pend_kv[0].wait()
                 pend_kv[1].wait()
         if pend_d is not None:
-            dkv = pend_d[0].wait()
+            own += pend_d[0].wait()
             pend_d[1].wait()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Group, layout: Layout = "zigzag",

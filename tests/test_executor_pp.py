@@ -64,6 +64,9 @@ def test_dp2_pp2_cp2_zero1_on_8_ranks_matches_single_process():
     err = compare(cfg, res, ref)
     assert err["loss"] < 1e-5 * ref["losses"][0], err
     assert err["param"] < 1e-6, err
+    assert err["norm_rel"] < 1e-5, err
+    for r in res:                            # ring K/V + dK/dV and pipeline sends: the plan's bytes, per rank
+        assert r["sent"] == {"pp": r["planned"]["pp"], "cp": r["planned"]["cp"]}, r["coords"]
 
 
 @pytest.mark.parametrize("name", ["pp2-afab", "pp2-1f1b", "pp2-interleaved-vpp2", "pp4-1f1b-m8"])
@@ -78,6 +81,15 @@ def test_executed_op_order_is_the_plans(runs, name):
         assert r["trace"] == r["plan"], f"stage {stage}"
         # and the plan's pipeline ops are the schedule generator's, action for action
         assert r["plan"] == [str(to_action(a)) for a in sched[stage]]
+
+
+@pytest.mark.parametrize("name", ["pp2-1f1b", "pp2-interleaved-vpp2", "pp2xtp2-sp"])
+def test_point_to_point_bytes_are_the_plans(runs, name):
+    """Every pipeline send the executor recorded (executor.comm.LOG) adds up to the plan's PP op bytes."""
+    cfg, res, _ = runs(name)
+    for r in res:
+        if r is not None:
+            assert r["sent"].get("pp", 0) == r["planned"]["pp"] > 0, r["coords"]
 
 
 def test_schedules_really_differ():

@@ -235,8 +235,11 @@ def train_parallel(cfg: Cfg) -> dict | None:
     data = tokens(cfg)
     per_replica = cfg.global_batch // cfg.dp
     program = stage_program(plan, c["pp"])
+    from loom.executor import comm
     losses, norms, traces, others = [], [], [], []
+    sent: dict[str, int] = {}
     for step in range(cfg.steps):
+        comm.LOG.clear()
         def batch(mb: int, step=step):
             lo = c["dp"] * per_replica + mb * cfg.micro_batch
             x = data[step, lo:lo + cfg.micro_batch]
@@ -249,11 +252,19 @@ def train_parallel(cfg: Cfg) -> dict | None:
                                                                           "optimizer", "zero_allgather")])
         losses.append(res.loss)
         traces.append(res.trace)
+        if step == 0:
+            for rec in comm.LOG.records:
+                if rec.kind == "send":
+                    sent[rec.group] = sent.get(rec.group, 0) + rec.bytes
+    planned: dict[str, float] = {}
+    for op in program:
+        if op.kind.value in ("pp_send_act", "pp_send_grad", "cp_kv_exchange"):
+            planned[op.group] = planned.get(op.group, 0.0) + op.msg_bytes * op.count
     total = torch.tensor([l if l is not None else 0.0 for l in losses], dtype=torch.float64)
     if groups["dp+cp"].active:
         dist.all_reduce(total, group=groups["dp+cp"].pg)
     return {"coords": c, "losses": total.tolist() if res.loss is not None else None, "norms": norms,
-            "params": named_params(stage.decoders), "trace": traces[0],
+            "params": named_params(stage.decoders), "trace": traces[0], "sent": sent, "planned": planned,
             "plan": [str(a) for a in _pp_actions(program)]}
 
 
