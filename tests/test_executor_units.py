@@ -249,3 +249,23 @@ def test_fused_kernel_loss_path_equals_the_vocab_parallel_loss(interpret, monkey
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-6, atol=0)
     for k in out[0][1]:
         torch.testing.assert_close(out[0][1][k], out[1][1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scaling_skips_overflowing_steps_and_otherwise_matches_unscaled():
+    """The fp16 machinery (exercised in fp32 on CPU): a scaled loss, unscaled gradients and the same update as
+    without scaling; an overflow skips the step, leaves the parameters alone and halves the scale."""
+    from loom.executor.mesh import build_mesh
+    from loom.executor.train import Trainer
+    spec = spec_from_dict(_spec(training={"global_batch": 2, "precision": "fp32", "lr": 1e-2}))
+    runs = []
+    for scale in (None, 2.0 ** 10):
+        tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=3)
+        tr.scaler = LossScaler(scale=scale) if scale else None
+        runs.append([tr.step().loss for _ in range(3)])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-6)
+    tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=3)
+    tr.scaler = LossScaler(scale=1e39)                     # loss · scale overflows fp32
+    before = {k: p.detach().clone() for k, p in tr.model.named_parameters()}
+    s = tr.step()
+    assert s.skipped and tr.scaler.scale == 5e38
+    assert all(torch.equal(before[k], p) for k, p in tr.model.named_parameters())
