@@ -115,6 +115,13 @@ class PipelineRunner:
     def _what(self, a: PPAction) -> str:
         return f"pp stage {self.stage}: {a.kind} micro-batch {a.microbatch} chunk {a.chunk} (peer stage {self._peer(a)})"
 
+    def _checked(self, t: torch.Tensor, a: PPAction) -> torch.Tensor:
+        """The receiver allocated act_shape/act_dtype: a different tensor is a layout bug, named here."""
+        if tuple(t.shape) != self.act_shape or t.dtype != self.act_dtype:
+            raise PipelineError(f"{self._what(a)}: tensor {tuple(t.shape)} {t.dtype} differs from the pipeline's "
+                                f"activation {self.act_shape} {self.act_dtype}")
+        return t
+
     def step(self, program: Iterable[Any], on_other: Callable[[Any], None] | None = None,
              before_backward: Callable[[PPAction, int, int], None] | None = None,
              after_backward: Callable[[PPAction], None] | None = None) -> StepResult:
@@ -172,8 +179,8 @@ class PipelineRunner:
             elif a.kind == "SEND_ACT":
                 if key not in outputs or self.chunks[a.chunk].last:
                     raise PipelineError(f"stage {self.stage}: {a} before its forward (or on the last stage)")
-                sends.append(isend(outputs[key].detach(), self.pp, self._peer(a), self._tag(a), self._what(a),
-                                   self.timeout_s))
+                sends.append(isend(self._checked(outputs[key].detach(), a), self.pp, self._peer(a), self._tag(a),
+                                   self._what(a), self.timeout_s))
             elif a.kind == "B":
                 if key not in done_f or key in done_b:
                     raise PipelineError(f"stage {self.stage}: {a} without its forward, or twice")
@@ -195,8 +202,8 @@ class PipelineRunner:
             elif a.kind == "SEND_GRAD":
                 if key not in to_send_grad:
                     raise PipelineError(f"stage {self.stage}: {a} before its backward (or on the first stage)")
-                sends.append(isend(to_send_grad.pop(key), self.pp, self._peer(a), self._tag(a), self._what(a),
-                                   self.timeout_s))
+                sends.append(isend(self._checked(to_send_grad.pop(key), a), self.pp, self._peer(a), self._tag(a),
+                                   self._what(a), self.timeout_s))
             res.trace.append(str(a))
             res.times.append((str(a), t0 - t_base, time.perf_counter() - t_base))
         comm.LOG.tag = ""

@@ -169,3 +169,11 @@ def test_unsupported_stage_combinations_are_named_errors(zero, tied, match):
     groups = {"pp": Group("pp", None, 2, 0), "tp": SINGLE, "cp": SINGLE, "dp+cp": Group("dp+cp", None, 2, 0)}
     with pytest.raises(ValueError, match=match):
         Stage(spec, compile_plan(spec), groups)
+
+
+def test_an_activation_of_the_wrong_shape_is_named_before_it_is_sent():
+    from loom.executor.comm import Group
+    r = PipelineRunner([Chunk(lambda x, mb: torch.ones(3, 1, 4), True, False)], Group("pp", None, 2, 0), (2, 1, 4),
+                       torch.float32)
+    with pytest.raises(PipelineError, match=r"SEND_ACT micro-batch 0 chunk 0 \(peer stage 1\): tensor \(3, 1, 4\)"):
+        r.step([PPAction("F", 0), PPAction("SEND_ACT", 0, 0, 1)])
