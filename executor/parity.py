@@ -4,7 +4,7 @@
 is {"name", "spec": {...spec dict...}, "steps", optional "resume_at"}; a layout smaller than the world runs as
 world / size independent replicas (an outer "rep" mesh dimension), which must agree with each other. Rank 0
 writes OUT_DIR/<name>.pt: losses, grad norms, full-size final parameters, each replica's losses, the comm log
-summary, and the unpadded/padded sizes of the ZeRO units (weights_only-loadable: tensors, lists, dicts, str).
+summary, the unpadded/padded sizes of the ZeRO units and the bytes their buffers hold between steps (weights_only-loadable: tensors, lists, dicts, str).
 Starting ranks once and reusing the process group keeps the whole parity suite to one ~7 s start-up.
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ def run_case(case: dict, out_dir: Path) -> dict:
             tr = Trainer(spec, mesh, torch.device("cpu"), steps)     # a fresh process state, then resume
             tr.load(ck / "checkpoints" / f"step_{resume_at:08d}")
     summary = {f"{k[0]}|{k[1]}|{k[2]}": list(v) for k, v in comm.LOG.summary().items()}
+    # Bytes each unit's full parameter / gradient buffers hold between steps (what ZeRO-2/3 free).
+    storage = [(u.flat.untyped_storage().size(), u.grad.untyped_storage().size()) for u in tr.dp.units]
     full = tr.full_state()
     rep = mesh["rep"]
     all_losses = [None] * world
@@ -52,7 +54,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
     units = [(sum(p.numel() for p in u.params), u.numel) for u in tr.dp.units]
     return {"losses": torch.tensor(losses, dtype=torch.float64), "norms": torch.tensor(norms, dtype=torch.float64),
             "params": full, "replica_losses": [torch.tensor(x, dtype=torch.float64) for x in all_losses],
-            "units": units, "comm": summary, "replicas": rep.size}
+            "units": units, "comm": summary, "replicas": rep.size, "storage": storage}
 
 
 def main(argv: list[str]) -> int:

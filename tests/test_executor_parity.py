@@ -162,6 +162,9 @@ def test_parity_comm_log_matches_layout(results):
     def kinds(name):
         return {k.split("|")[1] + "@" + k.split("|")[2] for k in results[name]["comm"]}
     assert "all_reduce@dp" in kinds("dp2") and "reduce_scatter@dp" not in kinds("dp2")
+    # Overlap: every bucket's all-reduce was issued from inside the backward (by the gradient hooks), not after it.
+    buckets = [k for k in results["dp2"]["comm"] if k.endswith("|all_reduce|dp") and not k.startswith("loss")]
+    assert len(buckets) > 1 and all(k.startswith("backward>dp_allreduce:u") for k in buckets)
     assert {"reduce_scatter@dp", "all_gather@dp"} <= kinds("dp2_zero1")
     assert "all_reduce@tp" in kinds("tp2") and "all_gather@tp" not in kinds("tp2")
     assert {"all_gather@tp", "reduce_scatter@tp"} <= kinds("tp2_sp")
@@ -212,3 +215,14 @@ def test_parity_comm_bytes_match_the_plan(results):
     root = (2 * LLAMA["vocab"] * h + h) * f32 * 2                     # embed + head + final norm, 2 micro-batches
     assert _measured(z3, "forward", "all_gather", "dp") == pytest.approx(gathers / 2, rel=1e-9)
     assert _measured(z3, "backward", "all_gather", "dp") == pytest.approx(gathers / 2 - root, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_parity_zero_frees_what_it_shards(results):
+    """Between steps: ZeRO-1 keeps full parameters and gradients; ZeRO-2 has freed the full gradient buffers;
+    ZeRO-3 has freed every layer's full parameters and gradients too (only the root unit may stay allocated)."""
+    full = lambda st: all(p > 0 and g > 0 for p, g in st)
+    assert full(results["dp2_zero1"]["storage"])
+    assert all(p > 0 and g == 0 for p, g in results["dp2_zero2"]["storage"])
+    z3 = results["dp2_zero3"]["storage"]
+    assert all(p == 0 and g == 0 for p, g in z3[:-1]) and len(z3) == LLAMA["layers"] + 1
