@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loom run: {m.name} {m.param_count() / 1e6:.2f}M params, {spec.plan.size} ranks "
               f"(dp {spec.plan.dp}, tp {spec.plan.tp}{', sp' if spec.plan.sp else ''}, zero {spec.plan.zero}), "
               f"{trainer.n_micro} micro-batches/step, {steps} steps on {device.type}", flush=True)
+    if rank0 and trainer.step_no >= steps:
+        print(f"loom run: already at step {trainer.step_no} >= {steps} steps; nothing to do (raise --steps or "
+              "run.steps to continue)", flush=True)
     while trainer.step_no < steps:
         s = trainer.step()
         if log:
