@@ -54,7 +54,9 @@ def run_case(case: dict, out_dir: Path) -> dict:
     units = [(sum(p.numel() for p in u.params), u.numel) for u in tr.dp.units]
     return {"losses": torch.tensor(losses, dtype=torch.float64), "norms": torch.tensor(norms, dtype=torch.float64),
             "params": full, "replica_losses": [torch.tensor(x, dtype=torch.float64) for x in all_losses],
-            "units": units, "comm": summary, "replicas": rep.size, "storage": storage}
+            "units": units, "comm": summary, "replicas": rep.size, "storage": storage,
+            "groups": {d: (dist.get_process_group_ranks(g.pg) if g.pg is not None else [dist.get_rank()])
+                       for d, g in mesh.groups.items()}}
 
 
 def main(argv: list[str]) -> int:

@@ -55,6 +55,7 @@ CASES = [
     _case("tp2", LLAMA, {"tp": 2}),
     _case("tp2_sp", LLAMA, {"tp": 2, "sp": True}),
     _case("dp2_tp2", LLAMA, {"dp": 2, "tp": 2}, {"micro_batch": 4}),
+    _case("dp2_tp2_dp_innermost", LLAMA, {"dp": 2, "tp": 2, "mesh": ["pp", "tp", "cp", "dp"]}, {"micro_batch": 4}),
     _case("dp2_tp2_sp_zero1", LLAMA, {"dp": 2, "tp": 2, "sp": True, "zero": 1}, {"micro_batch": 2}),
     _case("dp2_tp2_sp_zero3", LLAMA, {"dp": 2, "tp": 2, "sp": True, "zero": 3}, {"micro_batch": 2}),
     _case("dp2_tp2_zero2_selective", LLAMA, {"dp": 2, "tp": 2, "zero": 2}, {"micro_batch": 2,
@@ -226,3 +227,11 @@ def test_parity_zero_frees_what_it_shards(results):
     assert all(p > 0 and g == 0 for p, g in results["dp2_zero2"]["storage"])
     z3 = results["dp2_zero3"]["storage"]
     assert all(p == 0 and g == 0 for p, g in z3[:-1]) and len(z3) == LLAMA["layers"] + 1
+
+
+@pytest.mark.slow
+def test_parity_mesh_order_places_the_groups(results):
+    """init_device_mesh in the spec's order: tp innermost puts TP on adjacent ranks, dp innermost puts DP there."""
+    assert results["dp2_tp2"]["groups"]["tp"] == [0, 1] and results["dp2_tp2"]["groups"]["dp"] == [0, 2]
+    inner = results["dp2_tp2_dp_innermost"]["groups"]
+    assert inner["dp"] == [0, 1] and inner["tp"] == [0, 2]
