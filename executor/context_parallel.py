@@ -38,6 +38,9 @@ def apply_context_parallel(decoder: nn.Module, cp: Group, layout: Layout = "zigz
     """Make part 1's `executor.model.Decoder` (any stage of it) context-parallel over `cp`, in place."""
     if not cp.active:
         return
+    if getattr(decoder, "loom_cp", None) is not None:
+        raise ValueError("apply_context_parallel was already applied to this Decoder (its RoPE tables are gathered)")
+    decoder.loom_cp = (cp.size, cp.rank, layout)
     spec = decoder.spec
     check_split(spec.seq_len, cp.size, layout)
     if spec.position != "rope":

@@ -147,6 +147,27 @@ def test_ring_attention_over_gloo_matches_dense(layout, cp):
         assert sends == [kv_bytes] * (2 * (cp - 1))
 
 
+def _ring_mismatch_job() -> str | None:
+    """cp rank 1 never joins the ring: rank 0's receive must time out with a message naming it."""
+    from loom.executor.context_parallel import ring_attention
+    from loom.executor.pp_p2p import P2PTimeout
+    from test_executor_pp_harness import make_groups
+    groups = make_groups({"cp": 2})
+    if groups is None or groups["cp"].rank == 1:
+        return None
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    try:
+        ring_attention(q, k, v, groups["cp"], "contiguous", timeout_s=2.0)
+    except P2PTimeout as e:
+        return str(e)
+    return "no error"
+
+
+def test_ring_peer_missing_is_a_named_timeout():
+    out = [o for o in shared_pool().run(_ring_mismatch_job) if o is not None]
+    assert out and out[0].startswith("cp rank 0: recv K/V step 0 from cp rank 1 did not complete within 2 s"), out
+
+
 # ---- training parity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [Cfg(cp=2, cp_layout="contiguous"), Cfg(cp=2, cp_layout="zigzag")],
                          ids=["cp2-contiguous", "cp2-zigzag"])
