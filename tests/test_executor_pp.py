@@ -17,6 +17,7 @@ LAYOUTS = {
     "pp2-1f1b": Cfg(pp=2, schedule="1f1b"),
     "pp2-interleaved-vpp2": Cfg(pp=2, schedule="interleaved", vpp=2),
     "pp4-1f1b-m8": Cfg(pp=4, schedule="1f1b", global_batch=8),
+    "pp2-1f1b-full-recompute": Cfg(pp=2, recompute="full"),
     "pp2xtp2": Cfg(pp=2, tp=2),
     "pp2xtp2-sp": Cfg(pp=2, tp=2, sp=True),
     "dp2xpp2-zero1": Cfg(dp=2, pp=2, zero=1),

@@ -141,6 +141,7 @@ class Cfg:
     lr: float = 0.5
     optimizer: str = "sgd"
     grad_clip: float = 0.0
+    recompute: str = "none"
     model: dict = field(default_factory=lambda: dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64,
                                                        vocab=64, seq_len=16, tied_embeddings=True))
 
@@ -154,7 +155,7 @@ def make_spec(cfg: Cfg):
     from loom.spec.spec import ClusterSpec, ParallelSpec, Spec, TrainingSpec
     return Spec(model=ModelSpec(**cfg.model), cluster=ClusterSpec(gpu="cpu", gpus_per_node=cfg.size, nodes=1),
                 training=TrainingSpec(global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-                                      precision="fp32", recompute="none", lr=cfg.lr, grad_clip=0.0),
+                                      precision="fp32", recompute=cfg.recompute, lr=cfg.lr, grad_clip=cfg.grad_clip),
                 parallel=ParallelSpec(pp=cfg.pp, dp=cfg.dp, cp=cfg.cp, tp=cfg.tp, sp=cfg.sp, zero=cfg.zero,
                                       schedule=cfg.schedule, vpp=cfg.vpp))
 
