@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loom.spec import Spec, load_spec
+from loom.spec import Spec, SpecError, load_spec
 from loom.spec.compile import compile_plan
 
 from . import checkpoint, comm
@@ -270,14 +270,15 @@ def init_distributed(spec: Spec) -> torch.device:
     device = torch.device("cpu") if cpu else torch.device("cuda", local)
     if not cpu:
         if not torch.cuda.is_available():
-            raise RuntimeError(f"cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks; "
+            raise ValueError(f"cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks; "
                                'use cluster.gpu = "cpu" to run on CPU processes')
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo" if cpu else "nccl")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != spec.plan.size:
-        raise RuntimeError(f"launched {world} processes but the plan needs dp·tp·pp·cp = {spec.plan.size}")
+        raise ValueError(f"launched {world} processes but the plan needs dp·tp·pp·cp = {spec.plan.size}; start "
+                         f"it with loom run (nproc = cluster.gpus_per_node)")
     return device
 
 
@@ -288,6 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: run.out_dir)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (SpecError, ValueError, NotImplementedError) as exc:   # the user's to fix: say what, no traceback
+        if os.environ.get("LOOM_DEBUG"):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"loom run: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     torch.manual_seed(spec.training.seed)
     if spec.gpu.device == "cpu":

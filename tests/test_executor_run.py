@@ -70,3 +70,14 @@ def test_loom_run_on_a_cuda_spec_without_cuda_says_how_to_fix(tmp_path, capfd):
 def test_train_module_help_runs():
     r = subprocess.run([sys.executable, "-m", "loom.executor.train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--steps" in r.stdout
+
+
+def test_train_entry_reports_user_errors_without_a_traceback(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(out=tmp_path / "out").replace("vocab = 257", "vocab = 200")
+                    .replace("[data]\nmixture = { stdlib_code = 1.0 }\ndecay_mixture = { stdlib_docs = 1.0 }\n", "")
+                    .replace("tp = 2\nsp = true", "tp = 1").replace("gpus_per_node = 2", "gpus_per_node = 1"))
+    r = subprocess.run([sys.executable, "-m", "loom.executor.train", str(spec), "--steps", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.vocab" in r.stderr
