@@ -90,6 +90,42 @@ class HardwareProfile:
     def peak(self, precision: str) -> float:
         return self.peak_flops[precision]
 
+    # ---- files written by `loom calibrate` (JSON; a "meta" object with device, date, versions is kept aside) ----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path, meta: dict | None = None) -> None:
+        import json
+        from pathlib import Path
+        Path(path).write_text(json.dumps({"profile": self.to_dict(), "meta": meta or {}}, indent=2))
+
+    @classmethod
+    def load(cls, path) -> "HardwareProfile":
+        """A profile file: {"profile": {every field}, "meta": {...}}, or a plain object of fields. Fields left out
+        take the catalog defaults of the GPU named by "name" (or of "gpu" in meta)."""
+        import json
+        from pathlib import Path
+        from loom.spec.gpus import lookup
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a JSON hardware profile ({e})") from None
+        fields = data.get("profile", data) if isinstance(data, dict) else None
+        if not isinstance(fields, dict):
+            raise ValueError('expected a JSON object {"profile": {...}}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - known
+        if unknown:
+            raise ValueError(f"unknown hardware profile fields {sorted(unknown)}; known: {sorted(known)}")
+        name = fields.get("name") or data.get("meta", {}).get("gpu")
+        gpu = lookup(name) if isinstance(name, str) else None
+        if gpu is not None:
+            return dataclasses.replace(cls.from_gpu(gpu), **fields)
+        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - set(fields)
+        if missing:
+            raise ValueError(f"profile for {name!r} (not in the catalog) lacks {sorted(missing)}")
+        return cls(**fields)
+
     def gemm_efficiency(self, m: float, n: float, k: float) -> float:
         x = min(m, n, k)
         return self.gemm_eff_max * x / (x + self.gemm_half_dim)

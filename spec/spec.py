@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from .gpus import GPU, GiB, lookup
 from .model import ModelSpec
@@ -109,6 +109,20 @@ class ParallelSpec(BaseModel):
         return getattr(self, dim)
 
 
+class VerifySpec(BaseModel):
+    """[verify]: relative tolerances of `loom verify` (0 = exact; a number is a fraction, 0.1 = 10 %). Unset
+    fields keep loom.verify.DEFAULT_TOLERANCES; bubble and exposed_comm are reported, not judged, unless set."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    comm_bytes: NonNegativeFloat = 0.0
+    model_states: NonNegativeFloat = 0.0         # parameter, gradient and optimizer bytes
+    activations: NonNegativeFloat = 0.03
+    peak_memory: NonNegativeFloat = 0.05         # CUDA only
+    step_time_gpu: NonNegativeFloat = 0.10       # also tokens/s
+    step_time_cpu: NonNegativeFloat = 0.25
+    bubble: NonNegativeFloat | None = None
+    exposed_comm: NonNegativeFloat | None = None
+
+
 class Spec(BaseModel):
     """A whole spec. `parallel` is "auto" when the user asks Loom to search for the plan."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -118,6 +132,7 @@ class Spec(BaseModel):
     parallel: ParallelSpec | Literal["auto"] = "auto"
     data: DataSpec | None = None                    # executor only; None: the built-in stdlib corpus
     run: RunSpec = RunSpec()                        # executor only: steps, logging, checkpoints
+    verify: VerifySpec = VerifySpec()               # loom verify's tolerances
 
     @property
     def world_size(self) -> int:

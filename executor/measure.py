@@ -1,0 +1,438 @@
+"""Measure one rank while it runs the plan: per-op times, every collective, model-state and activation bytes.
+
+`python -m loom.executor.measure SPEC --steps N --out FILE.json` under torchrun (what `loom verify` launches): every
+rank runs N steps of its stage's program and writes `FILE.json.rank<r>`; rank 0 merges them into FILE.json.
+
+What is measured, and how:
+- Op times: the start and end of every op of `plan.program(stage)` that the executor runs as a unit (F, B, the DP
+  waits, the optimizer, ZeRO gathers, PP send/recv posts), on a clock shared by the ranks of one machine
+  (`time.perf_counter`, CLOCK_MONOTONIC on Linux; on CUDA each timestamp is taken after `torch.cuda.synchronize`
+  so that it marks the end of the GPU work, not of the launch). Ops that run inside F/B (TP/SP collectives, CP
+  exchanges, recompute) have no interval of their own: their collectives are in the comm records.
+  A step starts after a barrier, so the ranks' times are comparable.
+- Collectives: `executor.comm.LOG` records (kind, group, bytes, tag, time); the end of each call is stamped when
+  the record is appended, so its interval is [end - time_s, end].
+- Model states (exact, from the tensors, deduplicated by storage): parameters (the flat fp32 buffers; ZeRO-3: the
+  owned shard, and the gathered buffer only while allocated), gradients (flat accumulators while allocated and the
+  reduced shards), optimizer states (AdamW m and v, SGD momentum). Measured after a step, in the steady state.
+- Activations: bytes saved for backward during one micro-batch's forward, via
+  `torch.autograd.graph.saved_tensors_hooks`, deduplicated by storage; split into the transformer layers' part
+  (between a Block's forward pre-hook and forward hook) and the rest (embedding, final norm, head, loss). Parameters
+  saved for backward are not activations and are left out. Also the peak of the saved bytes alive at once over the
+  step (what the schedule keeps in flight).
+- CUDA: `torch.cuda.max_memory_allocated` / `max_memory_reserved` per rank over the measured steps.
+
+Plans with pp = cp = 1 run through `executor.train.Trainer.step` itself (its program is wrapped in a timed
+iterator). Plans with pp > 1 or cp > 1 run through `executor.pp_stage.Stage` (the pipeline runner that Trainer
+does not drive yet), with the optimizer arithmetic of Trainer._optimize. Token ids are random (seeded): what is
+measured does not depend on their values, and it avoids building the corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import comm
+
+SYNC_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
+
+# ---- clock -----------------------------------------------------------------------------------------------------
+class Clock:
+    """Timestamps in seconds since `reset()`. On CUDA each reading synchronizes the device first, so a timestamp
+    marks the end of all GPU work issued before it (CUDA events would avoid the stall but cannot be read across
+    ranks; one synchronize per op is the price of a shared clock)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.t0 = time.perf_counter()
+
+    def reset(self) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter() - self.t0
+
+
+class StampedRecords(list):
+    """A list for `comm.LOG.records` that stamps when each record arrives (= the end of its call or wait)."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock = clock
+        self.ends: list[float] = []
+
+    def append(self, rec) -> None:           # noqa: D102 - list.append plus a timestamp
+        self.ends.append(self.clock.now())
+        super().append(rec)
+
+    def clear(self) -> None:
+        super().clear()
+        self.ends.clear()
+
+    def dump(self) -> list[dict]:
+        return [{"kind": r.kind, "group": r.group, "bytes": int(r.bytes), "tag": r.tag, "world": r.world,
+                 "start": e - r.time_s, "end": e} for r, e in zip(self, self.ends)]
+
+
+# ---- saved activations --------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes())
+
+
+class SavedTensors:
+    """Bytes saved for backward, by storage. `region` says where the forward is ("layers" inside a Block, "other"
+    elsewhere); parameters are excluded (their storages are model state). `step` sums every storage saved during
+    the step once; `live_bytes` counts a storage from its first save until the backward has unpacked every saved
+    reference to it (each saved reference is unpacked exactly once by a backward without retain_graph)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        # The storage objects, not their addresses: ZeRO-3 frees and re-allocates the flat buffers (resize_), which
+        # moves their data but keeps the objects.
+        self.param_storages = [p.untyped_storage() for p in params]
+        self.region = "other"
+        self.step: dict[str, int] = {"layers": 0, "other": 0}
+        self.seen: set[tuple[int, int]] = set()
+        self.live: dict[tuple[int, int], int] = {}        # storage -> packed references not yet unpacked
+        self.live_bytes = 0
+        self.peak_live = 0
+
+    def new_step(self) -> None:
+        self.step = {"layers": 0, "other": 0}
+        self.seen = set()
+        self.peak_live = self.live_bytes
+
+    def _pack(self, t: torch.Tensor):
+        key = _storage_key(t)
+        if key[1] == 0 or key[0] in {s.data_ptr() for s in self.param_storages}:
+            return (None, t)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.step[self.region] += key[1]
+        if self.live.get(key, 0) == 0:
+            self.live_bytes += key[1]
+            self.peak_live = max(self.peak_live, self.live_bytes)
+        self.live[key] = self.live.get(key, 0) + 1
+        return (key, t)
+
+    def _unpack(self, packed):
+        key, t = packed
+        if key is not None and key in self.live:
+            self.live[key] -= 1
+            if self.live[key] == 0:
+                del self.live[key]
+                self.live_bytes -= key[1]
+        return t
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def watch_blocks(self, blocks: list[nn.Module]) -> None:
+        def enter(*_):
+            self.region = "layers"
+
+        def leave(*_):
+            self.region = "other"
+        for b in blocks:
+            b.register_forward_pre_hook(enter)
+            b.register_forward_hook(leave)
+
+
+# ---- model states -------------------------------------------------------------------------------------------------
+def _bytes(tensors: list[torch.Tensor | None], seen: set) -> int:
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        key = (s.data_ptr(), s.nbytes())
+        if key[1] == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += key[1]
+    return total
+
+
+def state_bytes(dps: list, opt) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes of this rank (each storage once)."""
+    seen: set = set()
+    units = [u for dp in dps for u in dp.units]
+    params = _bytes([u.flat for u in units] + [u.shard_param for u in units], seen)
+    grads = _bytes([u.grad for u in units] + [u.shard_grad for u in units], seen)
+    optim = _bytes(list(opt.m) + list(opt.v), seen)
+    elements = sum(p.numel() for u in units for p in u.params)
+    padded = sum(u.numel for u in units)
+    return {"params": params, "grads": grads, "optimizer": optim, "param_elements": elements,
+            "padded_elements": padded, "units": [u.numel for u in units]}
+
+
+# ---- the two drivers ---------------------------------------------------------------------------------------------
+@dataclass
+class OpTimes:
+    """(op id, start, end) of the ops run as a unit, in program order."""
+    rows: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+class TimedProgram:
+    """The plan program as Trainer.step iterates it: each op is timed from its yield to the next request."""
+
+    def __init__(self, ops: list, clock: Clock, saved: SavedTensors):
+        self.ops, self.clock, self.saved = ops, clock, saved
+        self.times = OpTimes()
+
+    def __iter__(self):
+        for op in self.ops:
+            t0 = self.clock.now()
+            yield op
+            self.times.rows.append((op.id, t0, self.clock.now()))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+def _random_batch(spec, step: int, dp_rank: int, device: torch.device) -> Callable[[int], tuple]:
+    t, m = spec.training, spec.model
+    per_replica = t.global_batch // spec.plan.dp
+
+    def batch(mb: int):
+        g = torch.Generator().manual_seed(spec.training.seed * 7919 + step * 1009 + dp_rank * 31 + mb)
+        x = torch.randint(m.vocab, (t.micro_batch, m.seq_len + 1), generator=g).to(device)
+        return x[:, :-1], x[:, 1:]
+    assert per_replica % t.micro_batch == 0
+    return batch
+
+
+class _Run:
+    """What both drivers return to `measure`."""
+
+    def __init__(self, stage: int, dps: list, opt, blocks: list[nn.Module], params: list[torch.Tensor]):
+        self.stage, self.dps, self.opt, self.blocks, self.params = stage, dps, opt, blocks, params
+
+
+def _trainer_driver(spec, mesh, device, steps: int, clock: Clock):
+    from .train import Trainer
+    trainer = Trainer(spec, mesh, device, steps)
+    run = _Run(0, [trainer.dp], trainer.opt, list(trainer.model.layers), list(trainer.model.parameters()))
+    saved = SavedTensors(run.params)
+    saved.watch_blocks(run.blocks)
+    program = list(trainer.program)
+
+    def one_step(step: int) -> OpTimes:
+        tp = TimedProgram(program, clock, saved)
+        trainer.program = tp
+        with saved.hooks():
+            trainer.step()
+        return tp.times
+    run.one_step, run.saved = one_step, saved
+    return run
+
+
+def _stage_driver(spec, device, steps: int, clock: Clock):
+    from loom.spec.compile import compile_plan
+    from loom.spec.mesh import Mesh as SpecMesh
+
+    from .comm import Group
+    from .optim import FlatAdamW, clip_, global_grad_norm, lr_at
+    from .pp_stage import Stage, make_extra_groups
+    from .train import ADAM_BETAS
+    p, t = spec.plan, spec.training
+    smesh = SpecMesh.from_spec(spec)
+    me = dist.get_rank()
+    groups: dict[str, Group] = {}
+    for d in ("pp", "dp", "cp", "tp"):
+        for ranks in smesh.groups(d):
+            pg = dist.new_group(ranks) if len(ranks) > 1 else None
+            if me in ranks:
+                groups[d] = Group(d, pg, len(ranks), ranks.index(me))
+    groups.update(make_extra_groups(smesh))
+    coords = smesh.coords(me)
+    plan = compile_plan(spec)
+    act_dtype = torch.float32
+    stage = Stage(spec, plan, groups, device=device,
+                  grad_dtype=torch.bfloat16 if t.grad_dtype == "bf16" else torch.float32,
+                  act_dtype=act_dtype)
+    decay, count = stage.masks()
+    opt = FlatAdamW(stage.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
+    blocks = [b for d in stage.decoders for b in d.layers]
+    params = [q for d in stage.decoders for q in d.parameters()]
+    run = _Run(coords["pp"], stage.dps, opt, blocks, params)
+    saved = SavedTensors(params)
+    saved.watch_blocks(blocks)
+    program = plan.program(coords["pp"])
+    other_ops = [op for op in program if op.kind.value in ("dp_allreduce", "dp_reducescatter", "optimizer",
+                                                           "zero_allgather")]
+    state = {"step": 0}
+
+    def optimize() -> None:                       # Trainer._optimize's arithmetic (fp32, no loss scaling)
+        grads = stage.grad_shards()
+        norm = global_grad_norm(grads, count, stage.norm_groups())
+        clip_(grads, norm, t.grad_clip)
+        opt.step(grads, lr_at(state["step"], steps, t.lr, t.min_lr, t.lr_schedule, t.warmup_steps,
+                              t.decay_fraction))
+        stage.zero_grad()
+
+    def one_step(step: int) -> OpTimes:
+        events: list[tuple[str, int, float, float]] = []       # (kind, chunk, start, end) of the non-pp ops
+        finish = [dp.finish_backward for dp in stage.dps]
+
+        def timed_finish(c: int):
+            def f():
+                prev, comm.LOG.tag = comm.LOG.tag, f"dp_wait.c{c}"
+                t0 = clock.now()
+                finish[c]()
+                comm.LOG.tag = prev
+                events.append(("dp", c, t0, clock.now()))
+            return f
+        for c, dp in enumerate(stage.dps):
+            dp.finish_backward = timed_finish(c)
+
+        def timed(kind: str, fn: Callable[[], None]) -> Callable[[], None]:
+            def f():
+                prev, comm.LOG.tag = comm.LOG.tag, kind     # the runner leaves its last action's tag set
+                t0 = clock.now()
+                fn()
+                comm.LOG.tag = prev
+                events.append((kind, -1, t0, clock.now()))
+            return f
+        batch = _random_batch(spec, step, coords["dp"], device)
+        base = clock.now()          # the runner's times are relative to its own start, a few µs after this
+        with saved.hooks():
+            res = stage.step(program, batch, timed("optimizer", optimize), timed("zero_allgather", stage.gather_params))
+        for c, dp in enumerate(stage.dps):
+            del dp.finish_backward
+        state["step"] += 1
+        return _stage_times(program, other_ops, res, events, base)
+    run.one_step, run.saved = one_step, saved
+    return run
+
+
+def _stage_times(program: list, other_ops: list, res, events: list, base: float) -> OpTimes:
+    """Op ids for the runner's (action, start, end) rows and for the timed non-pipeline callbacks."""
+    from .pipeline import to_action
+    out = OpTimes()
+    by_action = {}
+    for op in program:
+        a = to_action(op)
+        if a is not None:
+            by_action[str(a)] = op.id
+    for name, t0, t1 in res.times:
+        out.rows.append((by_action[name], base + t0, base + t1))
+    # the callbacks: dp waits per chunk (the first dp op of the chunk gets the wait), optimizer, zero gathers
+    dp_seen: set[int] = set()
+    ev = list(events)
+    for op in other_ops:
+        kind = op.kind.value
+        if kind in ("dp_allreduce", "dp_reducescatter"):
+            match = next((e for e in ev if e[0] == "dp" and e[1] == op.chunk), None)
+            if match is not None and op.chunk not in dp_seen:
+                dp_seen.add(op.chunk)
+                ev.remove(match)
+                out.rows.append((op.id, match[2], match[3]))
+        elif kind == "optimizer":
+            match = next((e for e in ev if e[0] == "optimizer"), None)
+            if match is not None:
+                ev.remove(match)
+                out.rows.append((op.id, match[2], match[3]))
+        elif kind == "zero_allgather":
+            match = next((e for e in ev if e[0] == "zero_allgather"), None)
+            if match is not None:
+                ev.remove(match)
+                out.rows.append((op.id, match[2], match[3]))
+    return out
+
+
+# ---- the measurement -------------------------------------------------------------------------------------------
+def measure(spec, steps: int, device: torch.device) -> dict[str, Any]:
+    """Run `steps` steps on this rank (step 0 is warm-up, not averaged) and return what was measured."""
+    from .mesh import build_mesh
+    clock = Clock(device)
+    records = StampedRecords(clock)
+    comm.LOG.records = records
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    p = spec.plan
+    if p.pp == 1 and p.cp == 1:
+        run = _trainer_driver(spec, build_mesh(p, device.type), device, steps, clock)
+        driver = "executor.train.Trainer"
+    else:
+        run = _stage_driver(spec, device, steps, clock)
+        driver = "executor.pp_stage.Stage"
+    from loom.spec.mesh import Mesh as SpecMesh
+    coords = SpecMesh.from_spec(spec).coords(rank)
+    out_steps = []
+    cuda = device.type == "cuda"
+    for step in range(steps):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        if dist.is_initialized():
+            dist.barrier()
+        records.clear()
+        run.saved.new_step()
+        clock.reset()
+        times = run.one_step(step)
+        end = clock.now()
+        out_steps.append({"time_s": end, "ops": [list(r) for r in times.rows], "comm": records.dump(),
+                          "saved_peak_bytes": run.saved.peak_live, "saved_layers_bytes": run.saved.step["layers"],
+                          "saved_other_bytes": run.saved.step["other"]})
+    mem = state_bytes(run.dps, run.opt)
+    if cuda:
+        mem["max_memory_allocated"] = int(torch.cuda.max_memory_allocated(device))
+        mem["max_memory_reserved"] = int(torch.cuda.max_memory_reserved(device))
+    comm.LOG.records = []
+    return {"rank": rank, "world": world, "coords": coords, "stage": coords["pp"], "driver": driver,
+            "device": str(device), "backend": dist.get_backend() if dist.is_initialized() else "none",
+            "torch": torch.__version__, "steps": out_steps, "memory": mem}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loom.executor.measure", description=__doc__.splitlines()[0])
+    ap.add_argument("spec")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", required=True, help="merged JSON written by rank 0 (ranks write OUT.rank<r>)")
+    args = ap.parse_args(argv)
+    from loom.spec import load_spec
+
+    from .train import init_distributed
+    spec = load_spec(args.spec)
+    torch.manual_seed(spec.training.seed)
+    if spec.gpu.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    device = init_distributed(spec)
+    result = measure(spec, max(1, args.steps), device)
+    out = Path(args.out)
+    Path(f"{out}.rank{result['rank']}").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.barrier()
+    if result["rank"] == 0:
+        ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(result["world"])]
+        out.write_text(json.dumps({"ranks": ranks}))
+        for r in range(result["world"]):
+            Path(f"{out}.rank{r}").unlink()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

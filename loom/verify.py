@@ -1,0 +1,418 @@
+"""`loom verify SPEC`: run the plan with the executor, simulate it, and put every prediction next to its measurement.
+
+Flow: torchrun starts the spec's ranks on `loom.executor.measure` (as `loom run` starts `loom.executor.train`);
+they run `--steps` steps and write one JSON file; this process simulates the same plan (`loom.simulator`, with
+`--profile` if given) and builds one table: metric | predicted | measured | ratio | ok.
+
+Which prediction each row holds (docs/verify.md says why):
+- step time, tokens/s, bubble fraction, exposed comm: the step-time simulator. Measured: mean over the steps
+  after the first (warm-up) of the slowest rank's step; bubble and exposed comm from the measured op timeline by
+  the simulator's own definitions (loom.simulator.timing.bubble_fraction on measured slices; exposed comm = comm
+  time not covered by compute, per mesh dim).
+- comm bytes per kind, parameter / gradient / optimizer bytes per stage: exact predictions of the executor's
+  layout (loom.verify_predict), with the plan's and the memory model's figures in the `plan`/`model` column and
+  the reason wherever they differ.
+- activation bytes and peak memory: the memory model (simulator/memory.py).
+Tolerances (relative): `DEFAULT_TOLERANCES`, overridden by the spec's [verify] table, then by --tol on the CLI.
+A metric with no tolerance is reported, not judged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loom import verify_predict as vp
+
+DEFAULT_TOLERANCES: dict[str, float | None] = {
+    "comm_bytes": 0.0, "model_states": 0.0, "activations": 0.03, "peak_memory": 0.05,
+    "step_time_gpu": 0.10, "step_time_cpu": 0.25, "bubble": None, "exposed_comm": None}
+
+
+ACTIVATION_NOTE = ("memory model (Korthikanti §4.1 terms; FlashAttention, SwiGLU 4 tensors) vs the tensors the "
+                   "executor saves (saved_tensors_hooks, by storage); the eager executor also saves norm statistics, "
+                   "RoPE tables, and on CPU the attention's score/probability tensors")
+
+
+@dataclass
+class Row:
+    metric: str
+    predicted: float | None
+    measured: float | None
+    tolerance: float | None          # relative; None: reported only
+    unit: str = ""
+    reference: float | None = None   # the plan's or the memory model's figure where `predicted` is the executor's
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.predicted is None or self.measured is None:
+            return None
+        if self.predicted == 0:
+            return 1.0 if self.measured == 0 else math.inf
+        return self.measured / self.predicted
+
+    @property
+    def ok(self) -> bool | None:
+        if self.tolerance is None or self.predicted is None or self.measured is None:
+            return None
+        if self.tolerance == 0:
+            return self.measured == self.predicted
+        return abs(self.measured - self.predicted) <= self.tolerance * abs(self.predicted)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(ratio=self.ratio, ok=self.ok)
+        return d
+
+
+# ---- measured timeline ------------------------------------------------------------------------------------------
+def _merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(iv):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(iv: list[tuple[float, float]], cut: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out = []
+    for a, b in _merge(iv):
+        pieces = [(a, b)]
+        for x, y in _merge(cut):
+            nxt = []
+            for p, q in pieces:
+                if y <= p or x >= q:
+                    nxt.append((p, q))
+                    continue
+                if x > p:
+                    nxt.append((p, x))
+                if y < q:
+                    nxt.append((y, q))
+            pieces = nxt
+        out += pieces
+    return out
+
+
+def _length(iv: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _merge(iv))
+
+
+_DIM_OF_GROUP = {"tp": "tp", "cp": "cp", "pp": "pp", "dp": "dp", "dp+cp": "dp", "emb": "pp"}
+_SYNC = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
+
+def _blocking(rec: dict) -> bool:
+    """A collective the calling thread waits in (comm.py's synchronous calls): every one but the DP gradient
+    reductions, which dp.py issues asynchronously from the backward's hooks, and point-to-point messages."""
+    return rec["kind"] in _SYNC and ">dp_allreduce" not in rec["tag"] and ">dp_reducescatter" not in rec["tag"]
+
+
+def measured_slices(plan, step: dict):
+    """Slices (loom.simulator.engine.Slice) of one rank's measured step, and each op's busy duration. A forward or
+    backward that first waits for a pipeline receive is busy only from the receive's end (the wait is bubble)."""
+    from loom.simulator.engine import Slice
+    recv_end: dict[str, float] = {}
+    for r in step["comm"]:
+        if r["kind"] == "recv" and r["group"] == "pp":
+            recv_end[r["tag"]] = r["end"]          # tag "pp.RECV_ACT<mb>.<chunk>" / "pp.RECV_GRAD<mb>.<chunk>"
+    slices, busy = [], {}
+    for op_id, a, b in step["ops"]:
+        op = plan.op(int(op_id))
+        start = a
+        if op.kind.value in ("forward", "backward"):
+            key = f"pp.RECV_{'ACT' if op.kind.value == 'forward' else 'GRAD'}{op.microbatch}.{op.chunk}"
+            if key in recv_end:
+                start = min(max(a, recv_end[key]), b)
+        slices.append(Slice(op, a, b))
+        busy[op.id] = b - start
+    return slices, busy
+
+
+def measured_exposed_comm(plan, step: dict) -> dict[str, float]:
+    """Per mesh dim: time of this rank's communication not covered by its compute. Compute = forward, backward,
+    recompute and optimizer intervals minus the blocking collectives issued inside them (TP/SP, the gradient
+    norm, ZeRO gathers); communication = every recorded collective's interval (issue to end of wait) and the plan's own
+    communication ops as timed units (DP waits, ZeRO gathers, PP send/recv posts)."""
+    compute, comm_iv = [], {"tp": [], "cp": [], "pp": [], "dp": []}
+    for op_id, a, b in step["ops"]:
+        op = plan.op(int(op_id))
+        if op.is_compute:
+            compute.append((a, b))
+        elif op.group in comm_iv:
+            comm_iv[op.group].append((a, b))
+    blocking = [(r["start"], r["end"]) for r in step["comm"] if _blocking(r)]
+    busy = _subtract(compute, blocking)
+    for r in step["comm"]:
+        d = _DIM_OF_GROUP.get(r["group"])
+        if d is None or r["kind"] == "recv":
+            continue
+        comm_iv[d].append((r["start"], r["end"]))
+    return {d: _length(_subtract(iv, busy)) for d, iv in comm_iv.items()}
+
+
+def _representatives(ranks: list[dict]) -> dict[int, dict]:
+    """One rank per stage: the one at dp = cp = tp = 0."""
+    out = {}
+    for r in ranks:
+        c = r["coords"]
+        if c.get("dp", 0) == 0 and c.get("cp", 0) == 0 and c.get("tp", 0) == 0:
+            out[r["stage"]] = r
+    return out
+
+
+# ---- the comparison ---------------------------------------------------------------------------------------------
+def tolerances(spec, overrides: dict[str, float | None] | None = None) -> dict[str, float | None]:
+    tol = dict(DEFAULT_TOLERANCES)
+    v = getattr(spec, "verify", None)
+    if v is not None:
+        tol.update({k: val for k, val in v.model_dump().items() if k in tol and k in v.model_fields_set})
+    tol.update(overrides or {})
+    return tol
+
+
+def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | None] | None = None) -> list[Row]:
+    """Rows of the verify table for `measured` (the executor's JSON: {"ranks": [...]})."""
+    from loom.simulator import simulate_time
+    from loom.simulator.memory import memory_report
+    from loom.simulator.timing import bubble_fraction
+    from loom.spec.compile import compile_plan
+    tol = tol or tolerances(spec)
+    plan = compile_plan(spec)
+    sim = simulate_time(spec, plan=plan, profile=profile)
+    mem = memory_report(spec)
+    ranks = measured["ranks"]
+    reps = _representatives(ranks)
+    n_steps = len(ranks[0]["steps"])
+    timed = list(range(1, n_steps)) or [0]                 # step 0 is warm-up
+    cuda = ranks[0]["device"].startswith("cuda")
+    rows: list[Row] = []
+    warm = f"mean of {len(timed)} step(s) after 1 warm-up" if n_steps > 1 else "1 step, no warm-up (use --steps >= 2)"
+
+    # ---- time
+    step_s = sum(max(r["steps"][i]["time_s"] for r in ranks) for i in timed) / len(timed)
+    t_tol = tol["step_time_gpu" if cuda else "step_time_cpu"]
+    rows.append(Row("step time", sim.step_time_s, step_s, t_tol, "s", note=warm + "; slowest rank"))
+    rows.append(Row("tokens/s", sim.tokens_per_s, spec.tokens_per_step / step_s, t_tol, "tok/s"))
+    bubbles, exposed = [], []
+    for i in timed:
+        lines, busy = {}, {}
+        for stage, r in reps.items():
+            sl, b = measured_slices(plan, r["steps"][i])
+            lines[f"stage{stage}"] = sl
+            busy.update(b)
+        durations = [busy.get(k, 0.0) for k in range(len(plan))]
+        bubbles.append(bubble_fraction(lines, durations))
+        slowest = max(ranks, key=lambda r: r["steps"][i]["time_s"])
+        exposed.append(measured_exposed_comm(plan, slowest["steps"][i]))
+    rows.append(Row("bubble fraction", sim.bubble_fraction, sum(bubbles) / len(bubbles), tol["bubble"], "",
+                    note="loom.simulator.timing.bubble_fraction on the measured op times"))
+    for d in ("tp", "cp", "pp", "dp"):
+        if spec.plan.degree(d) > 1:
+            meas = sum(e[d] for e in exposed) / len(exposed)
+            rows.append(Row(f"exposed comm {d}", sim.exposed_comm_s.get(d, 0.0), meas, tol["exposed_comm"], "s",
+                            note="slowest rank" + ("; CP waits inside attention count as compute"
+                                                   if d == "cp" else "")))
+
+    # ---- comm bytes per stage and kind (last measured step)
+    ce = vp.ce_call_bytes(spec)
+    notes = vp.comm_notes(spec)
+    for stage in range(spec.plan.pp):
+        exact = vp.comm_bytes(spec, stage)
+        planned = vp.plan_comm_bytes(plan, stage)
+        stage_ranks = [r for r in ranks if r["stage"] == stage]
+        per_rank = []
+        for r in stage_ranks:
+            got: dict[str, int] = {}
+            for rec in r["steps"][-1]["comm"]:
+                k = vp.classify(rec, ce)
+                if k is not None:
+                    got[k] = got.get(k, 0) + rec["bytes"]
+            per_rank.append(got)
+        got = per_rank[0] if per_rank else {}
+        disagree = [k for k in set().union(*per_rank) if len({g.get(k, 0) for g in per_rank}) > 1]
+        keys = [k for k in vp.COMM_ROWS if exact.get(k) or got.get(k) or planned.get(k)]
+        keys += sorted(k for k in got if k not in vp.COMM_ROWS)          # unclassified: a mismatch to look at
+        for k in keys:
+            ref = planned.get(k) if k in vp.PLAN_KINDS else None
+            note = ""
+            if ref is not None and round(ref) != exact.get(k, 0):
+                note = "plan differs: " + notes.get(k, "")
+            elif k not in vp.PLAN_KINDS:
+                note = notes.get(k, "not classified: executor collective with no predicted row")
+            if k in disagree:
+                note += "; ranks of this stage disagree"
+            rows.append(Row(f"comm bytes {k} (stage {stage})", exact.get(k) if k in vp.COMM_ROWS else None,
+                            got.get(k, 0), tol["comm_bytes"], "B", ref, note.strip("; ")))
+
+    # ---- model states and activations per stage
+    for stage in range(spec.plan.pp):
+        r = reps.get(stage)
+        if r is None:
+            continue
+        m = r["memory"]
+        st = mem.per_stage[stage]
+        exact = vp.state_bytes(spec, stage)
+        for key in ("params", "grads", "optimizer"):
+            rows.append(Row(f"{key} bytes (stage {stage})", exact[key], m[key], tol["model_states"], "B",
+                            getattr(st, key), vp.state_notes(spec, stage, key, getattr(st, key))))
+        rows.append(Row(f"param elements (stage {stage})", exact["param_elements"], m["param_elements"],
+                        tol["model_states"], "n", None, f"padded to {exact['padded_elements']}"))
+        per_mb = sum(s["saved_layers_bytes"] for s in [r["steps"][i] for i in timed]) / len(timed) \
+            / spec.micro_batches
+        layers = st.layers
+        pred_layers = st.activations / st.microbatches_in_flight if st.microbatches_in_flight else 0.0
+        rows.append(Row(f"activation bytes per micro-batch, {layers} layers (stage {stage})", pred_layers, per_mb,
+                        tol["activations"], "B", None, ACTIVATION_NOTE))
+        peak_saved = max(r["steps"][i]["saved_peak_bytes"] for i in timed)
+        pred_flight = st.activations + st.logits_buffers + st.embedding_buffers
+        rows.append(Row(f"activation bytes in flight (stage {stage})", pred_flight, peak_saved, tol["activations"],
+                        "B", None, f"{st.microbatches_in_flight:g} micro-batches in flight (memory model)"))
+        if cuda and "max_memory_reserved" in m:
+            from loom.simulator.memory import CUDA_CONTEXT_BYTES
+            rows.append(Row(f"peak memory reserved (stage {stage})", st.peak - CUDA_CONTEXT_BYTES,
+                            m["max_memory_reserved"], tol["peak_memory"], "B", st.peak,
+                            "memory model peak without the CUDA context (not seen by the allocator)"))
+    return rows
+
+
+# ---- running the executor -----------------------------------------------------------------------------------------
+def measure_command(spec, spec_path: str, out: str, steps: int) -> list[str]:
+    from loom.executor.launch import torchrun_command
+    cmd = torchrun_command(spec, spec_path, ["--steps", str(steps), "--out", out])
+    cmd[cmd.index("loom.executor.train")] = "loom.executor.measure"
+    return cmd
+
+
+def run_measurement(spec, spec_path: str, steps: int) -> dict:
+    """Launch the ranks on loom.executor.measure and return their merged JSON."""
+    with tempfile.TemporaryDirectory(prefix="loom-verify-") as d:
+        out = str(Path(d) / "measured.json")
+        env = dict(os.environ)
+        if spec.gpu.device == "cpu":
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.cluster.gpus_per_node)))
+        proc = subprocess.run(measure_command(spec, spec_path, out, steps), env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0 or not Path(out).exists():
+            raise RuntimeError(f"the executor failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(Path(out).read_text())
+
+
+# ---- output ---------------------------------------------------------------------------------------------------------
+def _fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit in ("B", "n"):
+        return f"{int(round(x)):,}"
+    if unit == "s":
+        return f"{x * 1e3:.2f} ms"
+    if unit == "tok/s":
+        return f"{x:,.0f}"
+    return f"{x:.4g}"
+
+
+def format_table(rows: list[Row]) -> str:
+    from tabulate import tabulate
+    body = []
+    for r in rows:
+        ok = {True: "ok", False: "FAIL", None: "-"}[r.ok]
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
+        tol = "report" if r.tolerance is None else ("exact" if r.tolerance == 0 else f"±{100 * r.tolerance:g}%")
+        body.append([r.metric, _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), ratio, ok, tol,
+                     _fmt(r.reference, r.unit) if r.reference is not None else "", r.note])
+    return tabulate(body, headers=["metric", "predicted", "measured", "ratio", "ok", "tolerance", "plan/model",
+                                   "note"], tablefmt="github")
+
+
+def parse_tol(items: list[str] | None) -> dict[str, float | None]:
+    """--tol name=value (value a fraction, or 'none' to report only)."""
+    out: dict[str, float | None] = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if name not in DEFAULT_TOLERANCES:
+            raise ValueError(f"--tol {item}: unknown metric {name!r}; known: {', '.join(DEFAULT_TOLERANCES)}")
+        try:
+            out[name] = None if value.strip().lower() == "none" else float(value)
+        except ValueError:
+            raise ValueError(f"--tol {item}: the value must be a fraction such as 0.1, or none") from None
+        if out[name] is not None and out[name] < 0:
+            raise ValueError(f"--tol {item}: a tolerance cannot be negative")
+    return out
+
+
+def write_trace(spec, measured: dict, path: str) -> None:
+    """The measured step (the last one) in the simulator's Perfetto layout, plus every collective on the comm
+    thread of its rank class (loom.simulator.trace.chrome_trace)."""
+    from loom.simulator.trace import chrome_trace
+    from loom.spec.compile import compile_plan
+    plan = compile_plan(spec)
+    reps = _representatives(measured["ranks"])
+    lines = {f"stage{s}": measured_slices(plan, r["steps"][-1])[0] for s, r in sorted(reps.items())}
+    trace = chrome_trace(lines)
+    for pid, (s, r) in enumerate(sorted(reps.items())):
+        for rec in r["steps"][-1]["comm"]:
+            trace["traceEvents"].append({"ph": "X", "name": f"{rec['kind']} {rec['group']}", "cat": "collective",
+                                         "pid": pid, "tid": 1, "ts": rec["start"] * 1e6,
+                                         "dur": (rec["end"] - rec["start"]) * 1e6,
+                                         "args": {"bytes": rec["bytes"], "tag": rec["tag"]}})
+    Path(path).write_text(json.dumps(trace))
+
+
+def verify_cli(args) -> int:
+    """`loom verify FILE [--profile P] [--steps N] [--json] [--tol name=value ...] [--trace FILE.json]`."""
+    from loom.spec import load_spec
+    spec = load_spec(args.file)
+    if spec.parallel == "auto":
+        print('loom verify: parallel = "auto" - search for a plan first (loom search) and write it into the spec',
+              file=sys.stderr)
+        return 2
+    try:
+        overrides = parse_tol(getattr(args, "tol", None))
+    except ValueError as e:
+        print(f"loom verify: {e}", file=sys.stderr)
+        return 2
+    profile = None
+    if args.profile:
+        from loom.simulator.hardware import HardwareProfile
+        try:
+            profile = HardwareProfile.load(args.profile)
+        except (OSError, ValueError) as e:
+            print(f"loom verify: --profile {args.profile}: {e}", file=sys.stderr)
+            return 2
+    if spec.gpu.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print(f"loom verify: cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks. Fix: "
+                  'set cluster.gpu = "cpu".', file=sys.stderr)
+            return 2
+    steps = max(1, args.steps)
+    try:
+        measured = run_measurement(spec, args.file, steps)
+    except RuntimeError as e:
+        print(f"loom verify: {e}", file=sys.stderr)
+        return 1
+    rows = compare(spec, measured, profile, tolerances(spec, overrides))
+    if getattr(args, "trace", None):
+        write_trace(spec, measured, args.trace)
+    failed = [r for r in rows if r.ok is False]
+    if args.json:
+        print(json.dumps({"spec": args.file, "steps": steps, "ranks": len(measured["ranks"]),
+                          "device": measured["ranks"][0]["device"], "metrics": [r.to_dict() for r in rows],
+                          "failed": [r.metric for r in failed]}, indent=2))
+    else:
+        print(f"loom verify {args.file}: {len(measured['ranks'])} ranks on {measured['ranks'][0]['device']} "
+              f"({measured['ranks'][0]['backend']}), {steps} steps")
+        print(format_table(rows))
+        print(f"\n{len(failed)} metric(s) outside tolerance" + (": " + ", ".join(r.metric for r in failed)
+                                                                 if failed else ""))
+    return 1 if failed else 0

@@ -1,0 +1,336 @@
+"""What the executor allocates and sends for a plan, predicted from the spec alone (no torch).
+
+The memory model (simulator/memory.py) and the plan (spec/compile.py) describe a *production* layout: bf16
+weights with fp32 master copies, unpadded shards, the collectives that dominate. The executor is a reference
+implementation with its own, documented, layout (executor/dp.py, model.py, tp.py, cp_ring.py, pp_stage.py). To
+hold it to exact equality, this module predicts exactly what the executor does, from the spec, by the rules those
+files state; `loom verify` prints these predictions next to the memory model's and the plan's and names every
+difference (`STATE_NOTES`, `comm_notes`).
+
+Executor rules used (each from the named file):
+- Parameters (model.py, tp.py): per layer norm1, q, k, v, o, norm2, up, [gate], down in registration order; Q/K/V
+  and up/gate split by output rows over tp (biases too), o/down by input columns (their biases replicated);
+  embedding and head vocabulary-parallel with the vocabulary padded to a multiple of tp; the Decoder's own
+  parameters (pos, head_weight) come before its submodules' in `parameters()` order.
+- Units (dp.py): ZeRO-0/1/2 group parameters in reverse order into buckets that close once their gradient bytes
+  reach bucket_MB; ZeRO-3 makes one unit per layer plus one root unit; every unit is padded to a multiple of the
+  DP group size (dp, times cp when cp > 1: pp_stage.Stage reduces over dp+cp). One DataParallel per model chunk.
+- Storage after a step (dp.py, optim.py): fp32 flat parameters (ZeRO-3 with dp > 1: only the fp32 owned shard);
+  gradient accumulators in grad_dtype (ZeRO >= 2 with dp > 1: freed after the reduction) plus fp32 reduced shards
+  (ZeRO >= 1); optimizer: AdamW/Adam m and v, SGD a momentum buffer, fp32, the size of the parameter shard.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loom.spec.compile import split_layers
+
+F32 = 4
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class Param:
+    numel: int
+    sp_grad: bool = False          # replicated over TP but with SP its gradient is a partial sum over tp
+
+
+def _chunk_params(spec, layers: range, first: bool, last: bool) -> list[Param]:
+    """This rank's parameters of one model chunk, in the order `dict.fromkeys(decoder.parameters())` gives."""
+    m, p = spec.model, spec.plan
+    tp, h = p.tp, m.hidden
+    sp = p.sp and tp > 1
+    vp = math.ceil(m.vocab / tp) * tp
+    table = vp // tp * h
+    own: list[Param] = []                                   # Decoder._parameters: pos, head_weight
+    if first and m.position == "learned":
+        own.append(Param(m.seq_len * h, sp))
+    if last:
+        own.append(Param(table))                            # tied on a single stage: the embedding itself
+    subs: list[Param] = []
+    if first and not (last and m.tied_embeddings):
+        subs.append(Param(table))                           # embed.weight (else deduplicated with head_weight)
+    norm = [Param(h, sp)] + ([Param(h, sp)] if m.norm == "layernorm" else [])
+    for _ in layers:
+        subs += norm
+        for out_dim in (m.q_dim, m.kv_dim, m.kv_dim):       # q, k, v: column-parallel
+            subs.append(Param(out_dim // tp * h))
+            if m.bias:
+                subs.append(Param(out_dim // tp))
+        subs.append(Param(h * (m.q_dim // tp)))             # o: row-parallel
+        if m.bias:
+            subs.append(Param(h, sp))
+        subs += norm
+        for _ in range(2 if m.gated else 1):                # up, [gate]
+            subs.append(Param(m.ffn_hidden // tp * h))
+            if m.bias:
+                subs.append(Param(m.ffn_hidden // tp))
+        subs.append(Param(h * (m.ffn_hidden // tp)))        # down
+        if m.bias:
+            subs.append(Param(h, sp))
+    if last:
+        subs += norm
+    return own + subs
+
+
+def _layer_params(spec) -> list[Param]:
+    return [q for q in _chunk_params(spec, range(1), False, False)]
+
+
+def stage_chunks(spec, stage: int) -> list[tuple[range, bool, bool]]:
+    """(layers, first, last) of each model chunk of a stage, as the plan compiler splits them."""
+    p = spec.plan
+    v = p.vpp if p.schedule == "interleaved" else 1
+    ranges = split_layers(spec.model.layers, p.pp * v)
+    out = []
+    for c in range(v):
+        j = c * p.pp + stage
+        out.append((ranges[j], j == 0, j == p.pp * v - 1))
+    return out
+
+
+def dp_group_size(spec) -> int:
+    """The group DataParallel reduces over: dp (Trainer) or dp·cp (pp_stage.Stage, used when pp or cp > 1)."""
+    p = spec.plan
+    return p.dp * p.cp if (p.pp > 1 or p.cp > 1) else p.dp
+
+
+@dataclass(frozen=True)
+class Unit:
+    numel: int                     # padded
+    params: tuple[Param, ...]
+
+
+def chunk_units(spec, layers: range, first: bool, last: bool) -> list[Unit]:
+    """The flat-buffer units of one chunk's DataParallel (dp.py's grouping and padding)."""
+    p, t = spec.plan, spec.training
+    n_dp = dp_group_size(spec)
+    gb = DTYPE_BYTES[t.grad_dtype]
+    params = _chunk_params(spec, layers, first, last)
+    groups: list[list[Param]] = []
+    if p.zero == 3:
+        per_layer = len(_layer_params(spec))
+        n_own = len(params) - per_layer * len(layers)
+        # own (pos/head), then embed, layers..., final norm: find the layers' slice
+        lead = (1 if first and spec.model.position == "learned" else 0) + (1 if last else 0) + \
+            (1 if first and not (last and spec.model.tied_embeddings) else 0)
+        layer_part = params[lead:lead + per_layer * len(layers)]
+        for i in reversed(range(len(layers))):
+            groups.append(layer_part[i * per_layer:(i + 1) * per_layer])
+        rest = params[:lead] + params[lead + per_layer * len(layers):]
+        assert len(rest) == n_own
+        groups.append(rest)
+    else:
+        cur: list[Param] = []
+        cur_bytes = 0
+        for q in reversed(params):
+            cur.append(q)
+            cur_bytes += q.numel * gb
+            if cur_bytes >= p.bucket_MB * 2**20:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+        if cur:
+            groups.append(cur)
+    out = []
+    for g in groups:
+        if not g:
+            continue
+        n = sum(q.numel for q in g)
+        out.append(Unit(-(-n // n_dp) * n_dp, tuple(g)))
+    return out
+
+
+def stage_units(spec, stage: int) -> list[list[Unit]]:
+    return [chunk_units(spec, *c) for c in stage_chunks(spec, stage)]
+
+
+def state_bytes(spec, stage: int) -> dict[str, int]:
+    """Parameter, gradient and optimizer bytes one rank of `stage` holds after a step (executor layout)."""
+    p, t = spec.plan, spec.training
+    n_dp = dp_group_size(spec)
+    gb = DTYPE_BYTES[t.grad_dtype]
+    units = [u for us in stage_units(spec, stage) for u in us]
+    padded = sum(u.numel for u in units)
+    shard = padded // n_dp
+    sharded_params = p.zero == 3 and n_dp > 1
+    params = (shard if sharded_params else padded) * F32
+    full_grad_kept = not (p.zero >= 2 and n_dp > 1)
+    grads = (padded * gb if full_grad_kept else 0) + (shard * F32 if p.zero >= 1 else 0)
+    opt_shard = shard if p.zero >= 1 else padded
+    states = 1 if t.optimizer == "sgd" else 2
+    return {"params": params, "grads": grads, "optimizer": opt_shard * F32 * states,
+            "param_elements": sum(q.numel for u in units for q in u.params), "padded_elements": padded}
+
+
+def state_notes(spec, stage: int, key: str, model_bytes: int) -> str:
+    """Why the memory model's `key` bytes differ from the executor's, naming each rule that applies."""
+    p, t = spec.plan, spec.training
+    exact = state_bytes(spec, stage)
+    if exact[key] == model_bytes:
+        return ""
+    why = []
+    pad = exact["padded_elements"] - exact["param_elements"]
+    if pad:
+        why.append(f"executor pads its units to a multiple of the DP group (+{pad} elements)")
+    if key == "params" and t.precision != "fp32":
+        why.append(f"executor keeps fp32 parameters (autocast), the memory model {t.precision} ones")
+    if key == "grads" and p.zero == 1 and dp_group_size(spec) > 1:
+        why.append("ZeRO-1: the executor keeps the fp32 reduced shard beside the full gradient buffer")
+    if key == "grads" and p.zero >= 2 and dp_group_size(spec) > 1:
+        why.append("ZeRO-2/3: the executor's full gradient buffer is freed after the reduction; its shard is fp32")
+    if key == "optimizer":
+        if t.optimizer == "sgd":
+            why.append("SGD: the executor keeps a momentum buffer, the memory model none")
+        if t.precision != "fp32":
+            why.append("no fp32 master copy in the executor (its parameters are fp32)")
+    if key == "params" and p.zero == 3 and p.pp > 1:
+        why.append("ZeRO-3 under PP: the memory model counts the stage's gathered parameters in comm_buffers")
+    return "; ".join(why) or "memory model and executor layouts differ"
+
+
+# ---- collectives -------------------------------------------------------------------------------------------------
+def comm_bytes(spec, stage: int) -> dict[str, int]:
+    """Bytes per comm row one rank of `stage` sends or passes to collectives in one step (comm.py convention:
+    all_reduce the buffer, all_gather/reduce_scatter the full tensor, send the tensor). Rows are `COMM_ROWS`."""
+    m, p, t = spec.model, spec.plan, spec.training
+    M = spec.micro_batches
+    tp, cp = p.tp, p.cp
+    sp = p.sp and tp > 1
+    e = F32                                                   # executor activations on CPU are fp32
+    T = t.micro_batch * m.seq_len // cp                       # tokens of one micro-batch on one rank
+    A = T * m.hidden * e                                      # one full-sequence activation of this rank
+    gb = DTYPE_BYTES[t.grad_dtype]
+    n_dp = dp_group_size(spec)
+    out = {k: 0 for k in COMM_ROWS}
+    chunks = stage_chunks(spec, stage)
+    units = stage_units(spec, stage)
+    full_rc = t.recompute == "full"
+    for (layers, first, last), cunits in zip(chunks, units):
+        n = len(layers)
+        if tp > 1:
+            # SP: each layer 2 AG + 2 RS per pass; embedding RS fwd / AG bwd; head AG fwd / RS bwd.
+            # TP: each layer 2 AR fwd (leave) + 2 AR bwd (enter); embedding AR fwd; head AR bwd.
+            if sp:
+                ag = 2 * n + (1 if last else 0) + 2 * n + (1 if first else 0) + (2 * n if full_rc else 0)
+                rs = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (2 * n if full_rc else 0)
+                out["sp_allgather"] += M * ag * A
+                out["sp_reducescatter"] += M * rs * A
+            else:
+                ar = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (2 * n if full_rc else 0)
+                out["tp_allreduce"] += M * ar * A
+            if last:
+                out["ce_allreduce"] += M * 3 * T * F32        # vocab-parallel CE: max, target logit, exp-sum
+        if cp > 1:
+            # cp_ring.py: K and V stacked, this rank's local sequence; forward cp-1 K/V hops per layer, backward
+            # cp-1 K/V hops and cp-1 dK/dV hops (the accumulator starts one rank after its owner)
+            kv = 2 * (m.n_kv_heads // tp) * T * m.d_head * e
+            per_layer = (cp - 1) * (2 if full_rc else 1) + 2 * (cp - 1)
+            out["cp_kv_exchange"] += M * n * per_layer * kv
+        if p.pp > 1:
+            s_local = m.seq_len // cp // (tp if sp else 1)
+            msg = s_local * t.micro_batch * m.hidden * e
+            j_last = len(chunks) * p.pp - 1
+            j = chunks.index((layers, first, last)) * p.pp + stage
+            out["pp_send_act"] += M * msg if j != j_last else 0
+            out["pp_send_grad"] += M * msg if j != 0 else 0
+        reduces = M if p.zero >= 2 else 1                     # ZeRO-2/3 reduce every micro-batch (dp.py)
+        if n_dp > 1:
+            key = "dp_allreduce" if p.zero == 0 else "dp_reducescatter"
+            out[key] += reduces * sum(u.numel for u in cunits) * gb
+            if p.zero in (1, 2):
+                out["zero_allgather"] += sum(u.numel for u in cunits) * F32
+            if p.zero == 3:
+                layer_units, root = cunits[:-1], cunits[-1]
+                # layers: gathered before each forward and again before each backward; root once per micro-batch
+                out["zero_allgather"] += M * (2 * sum(u.numel for u in layer_units) + root.numel) * F32
+        if sp:
+            sp_bytes = sum(q.numel for u in cunits for q in u.params if q.sp_grad) * gb
+            sp_reduce = (M if p.zero >= 2 else 1) if n_dp > 1 else 1
+            out["sp_grad_allreduce"] += sp_reduce * sp_bytes
+    # optimizer: the global gradient norm, one fp32 scalar per active group (optim.global_grad_norm)
+    norm_groups = [tp] + ([n_dp] if p.zero >= 1 else [])
+    if p.pp > 1 or p.cp > 1:
+        norm_groups.append(p.pp)                              # pp_stage.Stage.norm_groups adds pp
+    out["grad_norm_allreduce"] = sum(F32 for g in norm_groups if g > 1)
+    if p.pp == 1 and p.cp == 1 and p.dp > 1:
+        out["loss_report"] = F32                              # Trainer.step: all_reduce of the step loss over dp
+    if p.pp > 1 and m.tied_embeddings and (stage == 0 or stage == p.pp - 1):
+        vp = math.ceil(m.vocab / tp) * tp
+        out["tied_embedding_allreduce"] = vp // tp * m.hidden * gb
+    return out
+
+
+COMM_ROWS = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
+             "dp_allreduce", "dp_reducescatter", "zero_allgather", "ce_allreduce", "sp_grad_allreduce",
+             "grad_norm_allreduce", "loss_report", "tied_embedding_allreduce")
+PLAN_KINDS = frozenset({"tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act",
+                        "pp_send_grad", "dp_allreduce", "dp_reducescatter", "zero_allgather"})
+
+
+def ce_call_bytes(spec) -> int:
+    """Bytes of one vocab-parallel cross-entropy all-reduce: one fp32 value per token of the micro-batch (tp.py)."""
+    t, m = spec.training, spec.model
+    return t.micro_batch * m.seq_len // spec.plan.cp * F32
+
+
+def classify(rec: dict, ce_bytes: int) -> str | None:
+    """The comm row of one executor record (comm.py / pp_p2p.py); None for receives (counted at the sender).
+    Inside a forward, a TP all-reduce of `ce_bytes` (one fp32 per token) is the cross-entropy's, any other one
+    carries an activation (tokens·hidden elements, never equal to it since hidden > 1)."""
+    kind, group, tag = rec["kind"], rec["group"], rec["tag"]
+    if kind == "recv":
+        return None
+    for key in ("dp_allreduce", "dp_reducescatter", "zero_allgather", "sp_grad_allreduce"):
+        if f">{key}" in tag:
+            return key
+    if tag == "loss_report":
+        return "loss_report"
+    if group == "emb" or tag == "pp.tied_embedding_grad":
+        return "tied_embedding_allreduce"
+    if kind == "send":
+        if group == "cp":
+            return "cp_kv_exchange"
+        return "pp_send_act" if "SEND_ACT" in tag else "pp_send_grad"
+    if tag.startswith("optimizer") and kind == "all_reduce":
+        return "grad_norm_allreduce"
+    if group == "tp" and kind == "all_gather":
+        return "sp_allgather"
+    if group == "tp" and kind == "reduce_scatter":
+        return "sp_reducescatter"
+    if group == "tp" and kind == "all_reduce":
+        return "ce_allreduce" if rec["bytes"] == ce_bytes else "tp_allreduce"
+    return f"other:{kind}:{group}:{tag}"
+
+
+def plan_comm_bytes(plan, stage: int) -> dict[str, float]:
+    """The plan's payload bytes per comm kind for one rank of `stage` (msg_bytes × count of each op)."""
+    out: dict[str, float] = {}
+    for op in plan.program(stage):
+        if op.group is not None and op.kind.value in PLAN_KINDS:
+            out[op.kind.value] = out.get(op.kind.value, 0.0) + op.msg_bytes * op.count
+    return out
+
+
+def comm_notes(spec) -> dict[str, str]:
+    """Why the plan's bytes (spec/compile.py) differ from the executor's for each row, where they do."""
+    p = spec.plan
+    notes = {
+        "tp_allreduce": "the plan leaves out the embedding's forward all-reduce and the LM head input's backward "
+                        "all-reduce (one activation each, first/last stage)",
+        "sp_allgather": "the plan leaves out the head input's all-gather (fwd) and the embedding's (bwd)",
+        "sp_reducescatter": "the plan leaves out the embedding's reduce-scatter (fwd) and the head input's (bwd)",
+        "cp_kv_exchange": "the plan's K/V message uses the precision's bytes; the executor's are fp32 here",
+        "dp_allreduce": "the executor pads each bucket to a multiple of the DP group and the vocabulary to a "
+                        "multiple of tp; the plan uses unpadded parameter counts",
+        "dp_reducescatter": "as dp_allreduce (padding); fp32 buffers are the grad_dtype here",
+        "zero_allgather": "the executor gathers fp32 flat parameters (padded); the plan precision-sized unpadded "
+                          "ones" + ("; ZeRO-3 also gathers the root unit (embedding, final norm, head) once per "
+                                    "micro-batch" if p.zero == 3 else ""),
+        "ce_allreduce": "not in the plan (spec/compile.py: 'left out, small')",
+        "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",
+        "grad_norm_allreduce": "not in the plan: one fp32 scalar per group for the global gradient norm",
+        "loss_report": "not in the plan: the step loss all-reduced over dp for logging",
+        "tied_embedding_allreduce": "not in the plan: tied embedding gradient summed over first and last stage",
+    }
+    return notes

@@ -1,0 +1,227 @@
+"""loom verify: five plans run on two gloo ranks (one pool for the module) and every exact metric - comm bytes per
+kind, parameter / gradient / optimizer bytes per stage - equals its prediction; timing is reported (finite and
+positive); the spec-side layout prediction matches the executor's real parameter list; one end-to-end
+`loom verify --json` through torchrun."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from loom.spec.load import spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = tempfile.mkdtemp(prefix="loom-verify-data-")
+
+BASE = {
+    "model": {"name": "t", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 128, "vocab": 257,
+              "seq_len": 32},
+    "cluster": {"gpu": "cpu", "gpus_per_node": 2},
+    "training": {"global_batch": 8, "micro_batch": 2, "precision": "fp32", "recompute": "none", "lr": 1e-3},
+    "data": {"cache_dir": CACHE},
+}
+PLANS = {
+    "dp2-zero1": {"dp": 2, "zero": 1, "bucket_MB": 0.05},
+    "tp2-sp": {"tp": 2, "sp": True},
+    "pp2-1f1b": {"pp": 2, "schedule": "1f1b"},
+    "cp2": {"cp": 2},
+    "dp2-zero3": {"dp": 2, "zero": 3},
+}
+STEPS = 3
+
+
+def make_spec(parallel: dict, **model):
+    d = json.loads(json.dumps(BASE))
+    d["model"].update(model)
+    d["parallel"] = parallel
+    return spec_from_dict(d)
+
+
+def _measure_job(parallel: dict, steps: int) -> dict:
+    import torch
+    from loom.executor.measure import measure
+    return measure(make_spec(parallel), steps, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from tests.test_executor_pp_harness import RankPool
+    pool = RankPool(2)
+    try:
+        yield {name: {"ranks": pool.run(_measure_job, par, STEPS)} for name, par in PLANS.items()}
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_exact_metrics_equal_their_predictions(measured, name):
+    from loom.verify import compare
+    spec = make_spec(PLANS[name])
+    rows = compare(spec, measured[name])
+    exact = [r for r in rows if r.metric.startswith(("comm bytes", "params bytes", "grads bytes", "optimizer bytes",
+                                                     "param elements"))]
+    assert exact, "no exact rows"
+    bad = [(r.metric, r.predicted, r.measured, r.note) for r in exact if r.ok is not True]
+    assert not bad, bad
+    assert not [r.metric for r in rows if "other:" in r.metric], "a collective the verifier cannot classify"
+    # every plan collective kind with bytes in the plan has a measured row
+    from loom.spec.compile import compile_plan
+    from loom.verify_predict import plan_comm_bytes
+    plan = compile_plan(spec)
+    for stage in range(spec.plan.pp):
+        for kind in plan_comm_bytes(plan, stage):
+            assert any(r.metric == f"comm bytes {kind} (stage {stage})" for r in rows), kind
+    # timing: reported, finite and positive (CPU timings on a shared machine are not held to a tolerance here)
+    for metric in ("step time", "tokens/s"):
+        row = next(r for r in rows if r.metric == metric)
+        assert row.measured > 0 and math.isfinite(row.measured) and row.predicted > 0
+    bubble = next(r for r in rows if r.metric == "bubble fraction")
+    assert 0.0 <= bubble.measured < 1.0
+    for r in rows:
+        if r.metric.startswith("exposed comm"):
+            assert r.measured >= 0 and math.isfinite(r.measured)
+
+
+def test_pipeline_bubble_is_measured_larger_than_without_pipeline(measured):
+    """With pp = 2 and 4 micro-batches the stages wait for each other ((p-1)/(m+p-1) = 20 % with uniform
+    stages); without PP there is nothing to wait for. Checks that the measured bubble sees the schedule."""
+    from loom.verify import compare
+    pp = next(r for r in compare(make_spec(PLANS["pp2-1f1b"]), measured["pp2-1f1b"]) if r.metric == "bubble fraction")
+    dp = next(r for r in compare(make_spec(PLANS["dp2-zero1"]), measured["dp2-zero1"]) if r.metric == "bubble fraction")
+    assert pp.measured > 0.1 > dp.measured
+
+
+def test_a_wrong_byte_count_fails(measured):
+    """The comparison can fail: one extra byte in one collective record breaks equality."""
+    from loom.verify import compare
+    data = json.loads(json.dumps(measured["dp2-zero1"]))
+    rec = next(r for r in data["ranks"][0]["steps"][-1]["comm"] if "dp_reducescatter" in r["tag"])
+    rec["bytes"] += 1
+    rows = compare(make_spec(PLANS["dp2-zero1"]), data)
+    row = next(r for r in rows if r.metric == "comm bytes dp_reducescatter (stage 0)")
+    assert row.ok is False and row.measured == row.predicted + 1
+
+
+def test_activations_are_measured_per_layer_and_shard_with_tp(measured):
+    """Saved activation bytes per micro-batch: TP+SP roughly halves what a dp rank saves (every saved tensor of a
+    layer is sharded over tp with SP), and they are positive."""
+    from loom.verify import compare
+    get = lambda n: next(r for r in compare(make_spec(PLANS[n]), measured[n])   # noqa: E731
+                         if r.metric.startswith("activation bytes per micro-batch"))
+    full, tp = get("dp2-zero1").measured, get("tp2-sp").measured
+    assert full > 0 and 0.3 * full < tp < 0.7 * full
+
+
+# ---- the spec-side layout prediction against the real executor modules (no processes) -----------------------------
+@pytest.mark.parametrize("model,tp,first,last", [
+    ({}, 1, True, True), ({}, 2, True, True), ({"bias": True, "norm": "layernorm", "activation": "gelu"}, 2, True, True),
+    ({"position": "learned"}, 1, True, False), ({"tied_embeddings": False}, 2, False, True),
+    ({"tied_embeddings": False, "position": "learned"}, 2, True, True), ({}, 2, False, False)])
+def test_param_layout_matches_the_executor(model, tp, first, last):
+    import torch
+    from loom.executor.comm import Group
+    from loom.executor.model import BuildCtx, Decoder
+    from loom.verify_predict import _chunk_params
+    spec = make_spec({"tp": tp, "dp": 2 // tp}, **model)
+    for rank in range(tp):
+        g = Group("tp", None, tp, rank)           # construction only slices tensors: no communication
+        dec = Decoder(BuildCtx(spec.model, tp=g, device=torch.device("cpu")), layers=range(2), first=first, last=last)
+        real = [p.numel() for p in dict.fromkeys(dec.parameters())]
+        assert [q.numel for q in _chunk_params(spec, range(2), first, last)] == real
+
+
+def test_units_pad_to_the_dp_group_and_bucket_in_reverse_order():
+    from loom.verify_predict import chunk_units, state_bytes
+    spec = make_spec({"dp": 2, "zero": 1, "bucket_MB": 0.05})
+    units = chunk_units(spec, range(2), True, True)
+    assert all(u.numel % 2 == 0 for u in units)
+    assert all(sum(q.numel for q in u.params) * 4 >= 0.05 * 2**20 for u in units[:-1])   # closed buckets are full
+    s = state_bytes(spec, 0)
+    assert s["params"] == s["padded_elements"] * 4
+    assert s["grads"] == s["padded_elements"] * 4 + s["padded_elements"] // 2 * 4      # full buffer + fp32 shard
+    assert s["optimizer"] == s["padded_elements"] // 2 * 4 * 2                        # AdamW m, v over the shard
+
+
+def test_verify_table_in_spec_is_validated_and_overrides():
+    from loom.spec import SpecError
+    from loom.verify import parse_tol, tolerances
+    d = json.loads(json.dumps(BASE))
+    d["parallel"] = {"dp": 2}
+    d["verify"] = {"activations": 0.5, "bubble": 0.2}
+    tol = tolerances(spec_from_dict(d), parse_tol(["comm_bytes=0.1", "exposed_comm=none"]))
+    assert tol["activations"] == 0.5 and tol["bubble"] == 0.2 and tol["comm_bytes"] == 0.1
+    assert tol["exposed_comm"] is None and tol["step_time_cpu"] == 0.25
+    d["verify"] = {"activation": 0.1}
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(d)
+    assert "verify.activation" in str(e.value.issues[0])
+    with pytest.raises(ValueError, match="unknown metric"):
+        parse_tol(["steptime=0.1"])
+
+
+def test_measured_exposed_comm_counts_only_uncovered_time():
+    """A 10 ms forward with a blocking 2 ms TP all-reduce inside and a DP reduce from 8 to 14 ms: tp exposed 2 ms
+    (blocking), dp exposed 4 ms (10..14; 8..10 overlaps the forward's compute)."""
+    from loom.spec.plan import OpKind
+    from loom.verify import measured_exposed_comm
+    spec = make_spec({"dp": 2})
+    from loom.spec.compile import compile_plan
+    plan = compile_plan(spec)
+    fwd = next(op for op in plan.program(0) if op.kind == OpKind.FORWARD)
+    step = {"ops": [[fwd.id, 0.0, 0.010]],
+            "comm": [{"kind": "all_reduce", "group": "tp", "bytes": 1, "tag": "forward", "start": 0.004, "end": 0.006},
+                     {"kind": "reduce_scatter", "group": "dp", "bytes": 1, "tag": "x>dp_reducescatter", "start": 0.008,
+                      "end": 0.014}]}
+    e = measured_exposed_comm(plan, step)
+    assert e["tp"] == pytest.approx(0.002) and e["dp"] == pytest.approx(0.004)
+
+
+# ---- end to end: the CLI through torchrun ---------------------------------------------------------------------------
+def test_loom_verify_cli_json(tmp_path):
+    toml = tmp_path / "dp2.toml"
+    toml.write_text(f"""
+[model]
+name = "t"
+layers = 2
+hidden = 64
+heads = 4
+kv_heads = 2
+ffn_hidden = 128
+vocab = 257
+seq_len = 32
+[cluster]
+gpu = "cpu"
+gpus_per_node = 2
+[training]
+global_batch = 8
+micro_batch = 2
+precision = "fp32"
+recompute = "none"
+[parallel]
+dp = 2
+zero = 2
+[data]
+cache_dir = "{CACHE}"
+[verify]
+step_time_cpu = 100.0
+activations = 100.0
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "loom.cli", "verify", str(toml), "--steps", "2", "--json"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert p.returncode in (0, 1), p.stderr
+    out = json.loads(p.stdout)
+    names = {m["metric"]: m for m in out["metrics"]}
+    for m in out["metrics"]:
+        assert set(m) >= {"predicted", "measured", "ratio", "ok"}
+    assert names["params bytes (stage 0)"]["ok"] is True
+    assert names["comm bytes dp_reducescatter (stage 0)"]["ok"] is True
+    # the exit status says whether anything is outside its tolerance, and the generous [verify] table applied
+    assert (p.returncode == 1) == bool(out["failed"])
+    assert names["step time"]["tolerance"] == 100.0
