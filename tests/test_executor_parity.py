@@ -88,15 +88,22 @@ def results(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("parity")
     (out / "cases.json").write_text(json.dumps(CASES))
     port = _free_port()
-    procs = []
-    for r in range(WORLD):
+    procs, logs = [], [out / f"rank{r}.log" for r in range(WORLD)]
+    for r in range(WORLD):                   # stderr to files: a full pipe must not stall a rank mid-collective
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen([sys.executable, "-m", "loom.executor.parity", str(out / "cases.json"),
-                                       str(out)], env=env, stderr=subprocess.PIPE, text=True))
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+        with open(logs[r], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "loom.executor.parity", str(out / "cases.json"),
+                                           str(out)], env=env, stderr=log, stdout=log))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     if any(p.returncode for p in procs):
-        pytest.fail("parity ranks failed:\n" + "\n".join(e[-3000:] for e in errs if e))
+        pytest.fail("parity ranks failed:\n" + "\n".join(x.read_text()[-3000:] for x in logs))
     return {c["name"]: torch.load(out / f"{c['name']}.pt", weights_only=True) for c in CASES}
 
 
