@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tol", action="append", metavar="NAME=FRACTION", help="override a tolerance (or NAME=none)")
+    p.add_argument("--trace", metavar="FILE.json", help="write the measured step as a Perfetto trace")
     p.set_defaults(func=cmd_verify)
     return ap
 
