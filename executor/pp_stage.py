@@ -24,7 +24,8 @@ Megatron-LM's clip_grads (which skips the shared embedding on the last stage).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -97,17 +98,29 @@ class Stage:
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def step(self, program: list[Any], batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-             optimize: Callable[[], None], gather: Callable[[], None] | None = None) -> StepResult:
+             optimize: Callable[[], None], gather: Callable[[], None] | None = None,
+             forward_ctx: Callable[[], ContextManager] = contextlib.nullcontext,
+             loss_multiplier: float = 1.0) -> StepResult:
         """Run one step of the plan's program. `batch(mb)` gives micro-batch mb's full-sequence (ids, targets) for
-        this DP replica (sliced here for cp); `optimize()` steps the optimizer over `grad_shards()`."""
+        this DP replica (sliced here for cp); `optimize()` steps the optimizer over `grad_shards()`;
+        `forward_ctx()` wraps each chunk's forward (autocast); `loss_multiplier` scales the loss (fp16 loss
+        scaling; the returned loss includes it)."""
 
         def local_batch(mb: int):
             ids, tgt = batch(mb)
             return shard_batch(ids, tgt, self.cp, self.cp_layout)
 
-        chunks: list[Chunk] = [decoder_chunk(d, local_batch, 1.0 / self.global_tokens) for d in self.decoders]
+        chunks: list[Chunk] = []
+        for d in self.decoders:
+            ch = decoder_chunk(d, local_batch, loss_multiplier / self.global_tokens)
+
+            def run(x, mb, run=ch.run):
+                with forward_ctx():
+                    return run(x, mb)
+            chunks.append(Chunk(run, ch.first, ch.last))
         runner = PipelineRunner(chunks, *self.runner_args)
         reduced: set[int] = set()
+        gathered: list[bool] = []
 
         def before_backward(a: PPAction, k: int, n: int) -> None:
             # DataParallel's accumulation protocol, per chunk: the k-th of n backwards; buckets are reduced from
@@ -125,15 +138,19 @@ class Stage:
                 self._sync_tied()
                 self._finish_all(reduced)
                 optimize()
-            elif kind == "zero_allgather" and gather is not None:
+            elif kind == "zero_allgather" and gather is not None and not gathered:
                 gather()
+                gathered.append(True)
 
         def after_backward(a: PPAction) -> None:
             if self.dps[a.chunk].zero >= 2:                  # reduce-scatter every micro-batch, free the full grad
                 self.dps[a.chunk].finish_backward()
 
-        return runner.step(program, on_other=on_other, before_backward=before_backward,
-                           after_backward=after_backward)
+        res = runner.step(program, on_other=on_other, before_backward=before_backward,
+                          after_backward=after_backward)
+        if gather is not None and not gathered and self.zero in (1, 2) and self.dpcp.active:
+            gather()           # the plan shards over dp only: with dp = 1 < cp it lists no zero_allgather
+        return res
 
     def _finish_all(self, reduced: set[int]) -> None:
         for c, dp in enumerate(self.dps):                    # a plan without DP ops (dp = cp = 1) still reduces SP
@@ -166,6 +183,14 @@ class Stage:
             cnt[a:b] = False
 
     # ---- DataParallel-like facade over the chunks -------------------------------------------------------------
+    @property
+    def zero(self) -> int:
+        return self.dps[0].zero
+
+    @property
+    def units(self) -> list:
+        return [u for dp in self.dps for u in dp.units]
+
     def grad_shards(self) -> list[torch.Tensor]:
         return [g for dp in self.dps for g in dp.grad_shards()]
 

@@ -170,8 +170,8 @@ def test_ring_peer_missing_is_a_named_timeout():
 
 # ---- training parity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [Cfg(cp=2, cp_layout="contiguous"), Cfg(cp=2, cp_layout="zigzag"),
-                                 Cfg(cp=2, recompute="selective")],
-                         ids=["cp2-contiguous", "cp2-zigzag", "cp2-zigzag-selective-recompute"])
+                                 Cfg(cp=2, recompute="selective"), Cfg(cp=2, zero=1)],
+                         ids=["cp2-contiguous", "cp2-zigzag", "cp2-zigzag-selective-recompute", "cp2-zero1"])
 def test_cp_training_matches_single_process(cfg):
     ref = train_reference(cfg)
     res = shared_pool().run(train_parallel, cfg)
