@@ -225,3 +225,21 @@ activations = 100.0
     # the exit status says whether anything is outside its tolerance, and the generous [verify] table applied
     assert (p.returncode == 1) == bool(out["failed"])
     assert names["step time"]["tolerance"] == 100.0
+
+
+def test_measured_trace_has_the_simulators_layout(measured, tmp_path):
+    """The measured step's trace uses the simulator's processes (one per stage) and threads (compute/comm/p2p),
+    with the same op names, so the two open side by side in Perfetto."""
+    from loom.simulator import simulate_time
+    from loom.simulator.trace import chrome_trace
+    from loom.verify import write_trace
+    spec = make_spec(PLANS["pp2-1f1b"])
+    path = tmp_path / "measured.json"
+    write_trace(spec, measured["pp2-1f1b"], str(path))
+    got = json.loads(path.read_text())["traceEvents"]
+    sim = chrome_trace(simulate_time(spec))["traceEvents"]
+    meta = lambda ev: sorted((e["pid"], e.get("tid", -1), e["args"]["name"]) for e in ev if e["ph"] == "M")  # noqa: E731
+    assert meta(got) == meta(sim)
+    names = lambda ev: {(e["pid"], e["name"]) for e in ev if e["ph"] == "X" and e.get("cat") != "collective"}  # noqa: E731
+    assert names(got) <= names(sim) and any(e.get("cat") == "collective" for e in got)
+    assert all(e["dur"] >= 0 for e in got if e["ph"] == "X")
