@@ -101,9 +101,10 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
 
 class SavedTensors:
     """Bytes saved for backward, by storage. `region` says where the forward is ("layers" inside a Block, "other"
-    elsewhere); parameters are excluded (their storages are model state). `step` sums every storage saved during
-    the step once; `live_bytes` counts a storage from its first save until the backward has unpacked every saved
-    reference to it (each saved reference is unpacked exactly once by a backward without retain_graph)."""
+    elsewhere); parameters are excluded (their storages are model state). A storage is live from its first save
+    until the backward has unpacked every saved reference to it (each is unpacked once by a backward without
+    retain_graph); `step` adds its bytes each time it becomes live (so per micro-batch = step / micro-batches),
+    `peak_live` is the most bytes live at once."""
 
     def __init__(self, params: list[torch.Tensor]):
         # The storage objects, not their addresses: ZeRO-3 frees and re-allocates the flat buffers (resize_), which
@@ -111,24 +112,22 @@ class SavedTensors:
         self.param_storages = [p.untyped_storage() for p in params]
         self.region = "other"
         self.step: dict[str, int] = {"layers": 0, "other": 0}
-        self.seen: set[tuple[int, int]] = set()
         self.live: dict[tuple[int, int], int] = {}        # storage -> packed references not yet unpacked
         self.live_bytes = 0
         self.peak_live = 0
 
     def new_step(self) -> None:
         self.step = {"layers": 0, "other": 0}
-        self.seen = set()
         self.peak_live = self.live_bytes
 
     def _pack(self, t: torch.Tensor):
         key = _storage_key(t)
         if key[1] == 0 or key[0] in {s.data_ptr() for s in self.param_storages}:
             return (None, t)
-        if key not in self.seen:
-            self.seen.add(key)
-            self.step[self.region] += key[1]
         if self.live.get(key, 0) == 0:
+            # a storage becomes live: count it. (Counting by address over the whole step would miss storages the
+            # allocator reuses for a later micro-batch after the backward freed the earlier one.)
+            self.step[self.region] += key[1]
             self.live_bytes += key[1]
             self.peak_live = max(self.peak_live, self.live_bytes)
         self.live[key] = self.live.get(key, 0) + 1

@@ -275,6 +275,11 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
         rows.append(Row(f"activation bytes per micro-batch, {layers} layers (stage {stage})", pred_layers, per_mb,
                         tol["activations"], "B", None, ACTIVATION_NOTE))
         peak_saved = max(r["steps"][i]["saved_peak_bytes"] for i in timed)
+        per_mb_all = sum(r["steps"][i]["saved_layers_bytes"] + r["steps"][i]["saved_other_bytes"]
+                         for i in timed) / len(timed) / spec.micro_batches
+        rows.append(Row(f"micro-batches in flight (stage {stage})", st.microbatches_in_flight,
+                        peak_saved / per_mb_all if per_mb_all else None, tol["activations"], "", None,
+                        "measured: peak saved bytes / saved bytes per micro-batch; the schedule's count"))
         pred_flight = st.activations + st.logits_buffers + st.embedding_buffers
         rows.append(Row(f"activation bytes in flight (stage {stage})", pred_flight, peak_saved, tol["activations"],
                         "B", None, f"{st.microbatches_in_flight:g} micro-batches in flight (memory model)"))
