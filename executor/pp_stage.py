@@ -65,6 +65,8 @@ class Stage:
     def __init__(self, spec: Any, plan: Any, groups: dict[str, Group], *, cp_layout: Layout = "zigzag",
                  device: torch.device | str = "cpu", grad_dtype: torch.dtype = torch.float32,
                  act_dtype: torch.dtype = torch.float32, timeout_s: float = DEFAULT_TIMEOUT_S):
+        """`act_dtype`: dtype of the activations and gradients sent between stages (the plan counts the
+        precision's activation bytes: bf16 for bf16 training); the model computes in fp32 (autocast inside)."""
         p, t, m = spec.plan, spec.training, spec.model
         self.spec, self.plan, self.groups = spec, plan, groups
         self.pp, self.tp, self.cp, self.dpcp = groups["pp"], groups["tp"], groups["cp"], groups["dp+cp"]
@@ -111,12 +113,16 @@ class Stage:
             return shard_batch(ids, tgt, self.cp, self.cp_layout)
 
         chunks: list[Chunk] = []
+        wire = self.runner_args[2]
         for d in self.decoders:
             ch = decoder_chunk(d, local_batch, loss_multiplier / self.global_tokens)
 
-            def run(x, mb, run=ch.run):
+            def run(x, mb, run=ch.run, last=ch.last):
+                # Stage boundaries carry `act_dtype` (bf16 like Megatron's pipeline messages, half the bytes of
+                # the fp32 residual stream): the cast is differentiable, so the gradient travels in it as well.
                 with forward_ctx():
-                    return run(x, mb)
+                    y = run(None if x is None else x.to(torch.float32), mb)
+                return y if last else y.to(wire)
             chunks.append(Chunk(run, ch.first, ch.last))
         runner = PipelineRunner(chunks, *self.runner_args)
         reduced: set[int] = set()

@@ -142,6 +142,7 @@ class Cfg:
     optimizer: str = "sgd"
     grad_clip: float = 0.0
     recompute: str = "none"
+    precision: str = "fp32"          # "bf16": stage boundaries carry bf16 (the plan then counts 2-byte activations)
     model: dict = field(default_factory=lambda: dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64,
                                                        vocab=64, seq_len=16, tied_embeddings=True))
 
@@ -155,7 +156,7 @@ def make_spec(cfg: Cfg):
     from loom.spec.spec import ClusterSpec, ParallelSpec, Spec, TrainingSpec
     return Spec(model=ModelSpec(**cfg.model), cluster=ClusterSpec(gpu="cpu", gpus_per_node=cfg.size, nodes=1),
                 training=TrainingSpec(global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
-                                      precision="fp32", recompute=cfg.recompute, lr=cfg.lr, grad_clip=cfg.grad_clip),
+                                      precision=cfg.precision, recompute=cfg.recompute, lr=cfg.lr, grad_clip=cfg.grad_clip),
                 parallel=ParallelSpec(pp=cfg.pp, dp=cfg.dp, cp=cfg.cp, tp=cfg.tp, sp=cfg.sp, zero=cfg.zero,
                                       schedule=cfg.schedule, vpp=cfg.vpp))
 
@@ -230,7 +231,8 @@ def train_parallel(cfg: Cfg) -> dict | None:
     spec = make_spec(cfg)
     plan = compile_plan(spec)
     c = groups["coords"]
-    stage = Stage(spec, plan, groups, cp_layout=cfg.cp_layout)
+    wire = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    stage = Stage(spec, plan, groups, cp_layout=cfg.cp_layout, act_dtype=wire)
     opt = _optimizer(stage, cfg)
     count = stage.masks()[1]
     data = tokens(cfg)
