@@ -100,8 +100,11 @@ class PipelineRunner:
         return j if a.kind in ("SEND_ACT", "RECV_GRAD") else j - 1
 
     def _tag(self, a: PPAction) -> int:
-        grad = a.kind.endswith("GRAD")
-        return (1 << 28) | (int(grad) << 24) | (self._boundary(a) << 12) | a.microbatch
+        # 31 bits (c10d passes tags as C int): 1 bit ACT|GRAD, 11 bits boundary, 19 bits micro-batch.
+        if not 0 <= a.microbatch < 1 << 19 or self.p * self.v > 1 << 11:
+            raise PipelineError(f"stage {self.stage}: {a}: micro-batch or virtual stage count too large for a "
+                                "message tag (limits 2^19 micro-batches, 2^11 virtual stages)")
+        return (int(a.kind.endswith("GRAD")) << 30) | (self._boundary(a) << 19) | a.microbatch
 
     def _peer(self, a: PPAction) -> int:
         j = a.chunk * self.p + self.stage

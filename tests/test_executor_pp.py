@@ -195,3 +195,25 @@ def test_an_activation_of_the_wrong_shape_is_named_before_it_is_sent():
                        torch.float32)
     with pytest.raises(PipelineError, match=r"SEND_ACT micro-batch 0 chunk 0 \(peer stage 1\): tensor \(3, 1, 4\)"):
         r.step([PPAction("F", 0), PPAction("SEND_ACT", 0, 0, 1)])
+
+
+@pytest.mark.parametrize("kind, p, m, v", [("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)])
+def test_message_tags_pair_each_send_with_its_receive(kind, p, m, v):
+    """Every SEND's tag equals the tag of the RECV that consumes it (same peer pair) and no two messages of a
+    directed pair share a tag, so gloo's tag matching pairs the right tensors whatever the posting order."""
+    from loom.executor.comm import Group
+    sched = build_schedule(kind, p, m, v)
+    tags: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
+    for s in range(p):
+        chunks = [Chunk(lambda x, mb: x, c * p + s == 0, c * p + s == p * v - 1) for c in range(v)]
+        r = PipelineRunner(chunks, Group("pp", None, p, s), (1,), torch.float32)
+        for a in map(to_action, sched[s]):
+            if a.kind.startswith(("SEND", "RECV")):
+                src, dst = (s, r._peer(a)) if a.kind.startswith("SEND") else (r._peer(a), s)
+                tags.setdefault((a.kind[:4], src, dst), []).append((r._tag(a), f"{a.kind[5:]}{a.microbatch}"))
+    for (side, src, dst), sent in tags.items():
+        if side != "SEND":
+            continue
+        got = tags[("RECV", src, dst)]
+        assert sorted(sent) == sorted(got)
+        assert len({t for t, _ in sent}) == len(sent)
