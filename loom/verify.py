@@ -55,7 +55,7 @@ class Row:
         if self.predicted is None or self.measured is None:
             return None
         if self.predicted == 0:
-            return 1.0 if self.measured == 0 else math.inf
+            return 1.0 if self.measured == 0 else None        # undefined (and not valid JSON as inf)
         return self.measured / self.predicted
 
     @property
@@ -215,7 +215,8 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
         bubbles.append(bubble_fraction(lines, durations))
         slowest = max(ranks, key=lambda r: r["steps"][i]["time_s"])
         exposed.append(measured_exposed_comm(plan, slowest["steps"][i]))
-    rows.append(Row("bubble fraction", sim.bubble_fraction, sum(bubbles) / len(bubbles), tol["bubble"], "",
+    sim_bubble = sim.bubble_fraction if sim.bubble_fraction > 1e-12 else 0.0     # float dust of a no-PP plan
+    rows.append(Row("bubble fraction", sim_bubble, sum(bubbles) / len(bubbles), tol["bubble"], "",
                     note="loom.simulator.timing.bubble_fraction on the measured op times"))
     for d in ("tp", "cp", "pp", "dp"):
         if spec.plan.degree(d) > 1:
