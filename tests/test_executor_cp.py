@@ -2,8 +2,6 @@
 end-to-end training parity of a tiny model against the single-process reference."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -184,26 +182,30 @@ def test_cp_training_matches_single_process(cfg):
             assert r["sent"]["cp"] == r["planned"]["cp"] > 0   # (selective: the recompute's exchange included)
 
 
-# ---- GPU -------------------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# ---- bf16, and the GPU check ----------------------------------------------------------------------------------
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_gpu_simulated_ring_matches_flash_attention_bf16(layout):
-    """cp=4 simulated on one GPU (every block through the Triton kernel) against the plain kernel, bf16."""
+def test_simulated_ring_matches_flash_attention_bf16(layout, device):
+    """cp=4 simulated on one device (on CUDA every block runs the Triton kernels) against the plain attention
+    kernel, bf16 in and out. Measured on CPU (torch twins, seq 128): relative errors 1.6e-3 to 2.9e-3."""
     from loom.kernels import flash_attention
-    g = torch.Generator(device="cuda").manual_seed(0)
-    shape_q, shape_kv = (2, 8, 1024, 64), (2, 2, 1024, 64)
-    q = torch.randn(shape_q, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(shape_kv, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(shape_kv, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dout = torch.randn(shape_q, generator=g, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    seq = 1024 if device == "cuda" else 128
+    shape_q, shape_kv = (2, 8, seq, 64), (2, 2, seq, 64)
+    q = torch.randn(shape_q, generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(shape_kv, generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(shape_kv, generator=g, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(shape_q, generator=g, device=device, dtype=torch.bfloat16)
     out = simulated_ring_attention(q, k, v, 4, layout)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = flash_attention(q, k, v, causal=True)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     for a, b, name in zip((out, *grads), (ref, *ref_grads), ("out", "dq", "dk", "dv")):
-        a, b = a.float(), b.float()
-        rel = (a - b).norm() / b.norm()
-        assert rel < 2e-2, (name, float(rel))          # bf16: ~3 significant digits per element
+        a, b = a.detach().float(), b.detach().float()
         assert torch.isfinite(a).all(), name
-    assert math.isfinite(float(out.float().sum()))
+        rel = (a - b).norm() / b.norm()
+        assert rel < 1e-2, (name, float(rel))          # bf16 keeps ~3 significant digits per element

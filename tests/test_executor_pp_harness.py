@@ -62,7 +62,7 @@ class RankPool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn, *args, timeout_s: float = TIMEOUT_S) -> list:
+    def run(self, fn, *args, timeout_s: float = 300.0) -> list:
         for q in self.inqs:
             q.put((fn, args))
         out: list = [None] * self.world
