@@ -19,6 +19,10 @@ chunk's DP reduction therefore runs at the `optimizer` op instead of its own `dp
 earlier could deadlock (the last stage would wait for the first while the first waits for the last stage's
 gradients). ZeRO-2/3 (part 1's DataParallel) reduce-scatter after every micro-batch's backward (`after_backward`
 below), so they cannot take the tied sum this way (checked).
+ZeRO-3 with pp > 1 is refused (its per-layer gathers are not scheduled against the pipeline's micro-batches);
+DeepSpeed's PipelineEngine refuses ZeRO-2 and ZeRO-3 with pipeline parallelism altogether
+(deepspeed/runtime/pipe/engine.py: "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"); here ZeRO-2
+works for untied models (tested).
 The gradient norm adds over the pp group as well, counting the tied weight once (on the first stage), like
 Megatron-LM's clip_grads (which skips the shared embedding on the last stage).
 """
