@@ -154,6 +154,7 @@ class PipelineRunner:
             if a is None:
                 kind = getattr(getattr(item, "kind", None), "value", getattr(item, "kind", None))
                 if on_other is not None and kind not in _INSIDE_COMPUTE:
+                    comm.LOG.tag = str(kind)                # the Trainer's convention: the plan op's kind
                     on_other(item)
                 continue
             key = (a.microbatch, a.chunk)
