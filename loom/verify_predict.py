@@ -211,13 +211,17 @@ def comm_bytes(spec, stage: int) -> dict[str, int]:
         if tp > 1:
             # SP: each layer 2 AG + 2 RS per pass; embedding RS fwd / AG bwd; head AG fwd / RS bwd.
             # TP: each layer 2 AR fwd (leave) + 2 AR bwd (enter); embedding AR fwd; head AR bwd.
+            # Full recompute reruns each layer's forward inside the backward, but torch.utils.checkpoint stops the
+            # rerun once the last saved tensor is rebuilt (non-reentrant early stop, torch/utils/checkpoint.py
+            # `_checkpoint_early_stop`, default on): the MLP's output reduction (the layer's last collective) is
+            # not repeated. So per layer: TP 1 all-reduce; SP 2 all-gathers and 1 reduce-scatter.
             if sp:
                 ag = 2 * n + (1 if last else 0) + 2 * n + (1 if first else 0) + (2 * n if full_rc else 0)
-                rs = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (2 * n if full_rc else 0)
+                rs = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (n if full_rc else 0)
                 out["sp_allgather"] += M * ag * A
                 out["sp_reducescatter"] += M * rs * A
             else:
-                ar = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (2 * n if full_rc else 0)
+                ar = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (n if full_rc else 0)
                 out["tp_allreduce"] += M * ar * A
             if last:
                 out["ce_allreduce"] += M * 3 * T * F32        # vocab-parallel CE: max, target logit, exp-sum
@@ -315,11 +319,13 @@ def plan_comm_bytes(plan, stage: int) -> dict[str, float]:
 def comm_notes(spec) -> dict[str, str]:
     """Why the plan's bytes (spec/compile.py) differ from the executor's for each row, where they do."""
     p = spec.plan
+    rc = ("; with full recompute the plan repeats both per-layer reductions, torch's checkpoint (early stop) "
+          "reruns only the first") if spec.training.recompute == "full" else ""
     notes = {
         "tp_allreduce": "the plan leaves out the embedding's forward all-reduce and the LM head input's backward "
-                        "all-reduce (one activation each, first/last stage)",
+                        "all-reduce (one activation each, first/last stage)" + rc,
         "sp_allgather": "the plan leaves out the head input's all-gather (fwd) and the embedding's (bwd)",
-        "sp_reducescatter": "the plan leaves out the embedding's reduce-scatter (fwd) and the head input's (bwd)",
+        "sp_reducescatter": "the plan leaves out the embedding's reduce-scatter (fwd) and the head input's (bwd)" + rc,
         "cp_kv_exchange": "the plan's K/V message uses the precision's bytes; the executor's are fp32 here",
         "dp_allreduce": "the executor pads each bucket to a multiple of the DP group and the vocabulary to a "
                         "multiple of tp; the plan uses unpadded parameter counts",

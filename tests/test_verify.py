@@ -32,13 +32,19 @@ PLANS = {
     "pp2-1f1b": {"pp": 2, "schedule": "1f1b"},
     "cp2": {"cp": 2},
     "dp2-zero3": {"dp": 2, "zero": 3},
+    # beyond the five of the brief: full recompute (torch's checkpoint early stop), tied embeddings across stages
+    "tp2-sp-full-recompute": {"tp": 2, "sp": True, "_training": {"recompute": "full"}},
+    "pp2-interleaved-tied": {"pp": 2, "schedule": "interleaved", "vpp": 2, "_model": {"tied_embeddings": True}},
 }
 STEPS = 3
 
 
 def make_spec(parallel: dict, **model):
     d = json.loads(json.dumps(BASE))
-    d["model"].update(model)
+    parallel = dict(parallel)
+    d["training"].update(parallel.pop("_training", {}))
+    d["model"].update({**parallel.pop("_model", {}), **model})
+    d["model"]["layers"] = 4 if parallel.get("vpp", 1) > 1 else d["model"]["layers"]
     d["parallel"] = parallel
     return spec_from_dict(d)
 
