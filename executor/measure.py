@@ -6,8 +6,9 @@ rank runs N steps of its stage's program and writes `FILE.json.rank<r>`; rank 0 
 What is measured, and how:
 - Op times: the start and end of every op of `plan.program(stage)` that the executor runs as a unit (F, B, the DP
   waits, the optimizer, ZeRO gathers, PP send/recv posts), on a clock shared by the ranks of one machine
-  (`time.perf_counter`, CLOCK_MONOTONIC on Linux; on CUDA each timestamp is taken after `torch.cuda.synchronize`
-  so that it marks the end of the GPU work, not of the launch). Ops that run inside F/B (TP/SP collectives, CP
+  (`time.perf_counter`, CLOCK_MONOTONIC on Linux; on CUDA, events recorded on the stream, resolved after the step
+  against a reference event taken after the step's barrier; the pipeline runner's own action times are host
+  times). Ops that run inside F/B (TP/SP collectives, CP
   exchanges, recompute) have no interval of their own: their collectives are in the comm records.
   A step starts after a barrier, so the ranks' times are comparable.
 - Collectives: `executor.comm.LOG` records (kind, group, bytes, tag, time); the end of each call is stamped when
@@ -30,6 +31,7 @@ measured does not depend on their values, and it avoids building the corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -49,36 +51,67 @@ SYNC_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 
 # ---- clock -----------------------------------------------------------------------------------------------------
+class Mark:
+    """A CUDA event's place in `Clock.events`, resolved to seconds after the step (`Clock.resolve`)."""
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
 class Clock:
-    """Timestamps in seconds since `reset()`. On CUDA each reading synchronizes the device first, so a timestamp
-    marks the end of all GPU work issued before it (CUDA events would avoid the stall but cannot be read across
-    ranks; one synchronize per op is the price of a shared clock)."""
+    """Timestamps in seconds since `reset()`, comparable across the ranks of one machine (each rank resets right
+    after a barrier). CPU: `time.perf_counter()` (CLOCK_MONOTONIC). CUDA: an event recorded on the current stream
+    (no synchronization, so overlap is kept), returned as a `Mark` and resolved after the step as the time elapsed
+    since a reference event recorded at `reset()` (which synchronizes once)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
         self.t0 = time.perf_counter()
+        self.events: list = []
+        self.ref = None
 
     def reset(self) -> None:
         self.sync()
         self.t0 = time.perf_counter()
+        if self.cuda:
+            self.events = []
+            self.ref = torch.cuda.Event(enable_timing=True)
+            self.ref.record()
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def now(self) -> float:
-        self.sync()
+    def host(self) -> float:
+        """Host time since reset (for times the executor itself took with perf_counter)."""
         return time.perf_counter() - self.t0
+
+    def now(self) -> float | Mark:
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.events.append(ev)
+        return Mark(len(self.events) - 1)
+
+    def resolve(self, x: float | Mark) -> float:
+        """Seconds since reset; call after `sync()` when marks are pending."""
+        if isinstance(x, Mark):
+            return self.ref.elapsed_time(self.events[x.i]) / 1e3
+        return x
 
 
 class StampedRecords(list):
-    """A list for `comm.LOG.records` that stamps when each record arrives (= the end of its call or wait)."""
+    """A list for `comm.LOG.records` that stamps when each record arrives (= the end of its call or wait). The start
+    is the end minus the record's host-measured time: exact on CPU (gloo calls block), approximate on CUDA (NCCL
+    calls return once queued)."""
 
     def __init__(self, clock: Clock):
         super().__init__()
         self.clock = clock
-        self.ends: list[float] = []
+        self.ends: list = []
 
     def append(self, rec) -> None:           # noqa: D102 - list.append plus a timestamp
         self.ends.append(self.clock.now())
@@ -89,8 +122,12 @@ class StampedRecords(list):
         self.ends.clear()
 
     def dump(self) -> list[dict]:
-        return [{"kind": r.kind, "group": r.group, "bytes": int(r.bytes), "tag": r.tag, "world": r.world,
-                 "start": e - r.time_s, "end": e} for r, e in zip(self, self.ends)]
+        out = []
+        for r, e in zip(self, self.ends):
+            end = self.clock.resolve(e)
+            out.append({"kind": r.kind, "group": r.group, "bytes": int(r.bytes), "tag": r.tag, "world": r.world,
+                        "start": end - r.time_s, "end": end})
+        return out
 
 
 # ---- saved activations --------------------------------------------------------------------------------------------
@@ -282,6 +319,9 @@ def _stage_driver(spec, device, steps: int, clock: Clock):
     other_ops = [op for op in program if op.kind.value in ("dp_allreduce", "dp_reducescatter", "optimizer",
                                                            "zero_allgather")]
     state = {"step": 0}
+    # bf16 autocast on CUDA as Trainer._autocast (fp16 would need the Trainer's loss scaling: run without it)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+        if device.type == "cuda" and t.precision == "bf16" else contextlib.nullcontext
 
     def optimize() -> None:                       # Trainer._optimize's arithmetic (fp32, no loss scaling)
         grads = stage.grad_shards()
@@ -315,9 +355,10 @@ def _stage_driver(spec, device, steps: int, clock: Clock):
                 events.append((kind, -1, t0, clock.now()))
             return f
         batch = _random_batch(spec, step, coords["dp"], device)
-        base = clock.now()          # the runner's times are relative to its own start, a few µs after this
+        base = clock.host()         # the runner's host times are relative to its own start, a few µs after this
         with saved.hooks():
-            res = stage.step(program, batch, timed("optimizer", optimize), timed("zero_allgather", stage.gather_params))
+            res = stage.step(program, batch, timed("optimizer", optimize), timed("zero_allgather", stage.gather_params),
+                             forward_ctx=autocast)
         for c, dp in enumerate(stage.dps):
             del dp.finish_backward
         state["step"] += 1
@@ -390,8 +431,11 @@ def measure(spec, steps: int, device: torch.device) -> dict[str, Any]:
         run.saved.new_step()
         clock.reset()
         times = run.one_step(step)
-        end = clock.now()
-        out_steps.append({"time_s": end, "ops": [list(r) for r in times.rows], "comm": records.dump(),
+        end_mark = clock.now()
+        clock.sync()
+        end = clock.resolve(end_mark)
+        rows = [[i, clock.resolve(a), clock.resolve(b)] for i, a, b in times.rows]
+        out_steps.append({"time_s": end, "ops": rows, "comm": records.dump(),
                           "saved_peak_bytes": run.saved.peak_live, "saved_layers_bytes": run.saved.step["layers"],
                           "saved_other_bytes": run.saved.step["other"]})
     mem = state_bytes(run.dps, run.opt)

@@ -229,7 +229,7 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
     ce = vp.ce_call_bytes(spec)
     notes = vp.comm_notes(spec)
     for stage in range(spec.plan.pp):
-        exact = vp.comm_bytes(spec, stage)
+        exact = vp.comm_bytes(spec, stage, ranks[0]["device"])
         planned = vp.plan_comm_bytes(plan, stage)
         stage_ranks = [r for r in ranks if r["stage"] == stage]
         per_rank = []

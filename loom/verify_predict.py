@@ -190,16 +190,29 @@ def state_notes(spec, stage: int, key: str, model_bytes: int) -> str:
 
 
 # ---- collectives -------------------------------------------------------------------------------------------------
-def comm_bytes(spec, stage: int) -> dict[str, int]:
+def activation_dtypes(spec, device: str = "cpu") -> tuple[int, int]:
+    """(lo, hi) bytes per element of the executor's activations. hi: the residual stream, norm outputs and their
+    gradients, embedding outputs (fp32: the flat parameters are fp32 and F.embedding / the norms keep their input
+    dtype). lo: outputs of the linear layers and their gradients, which CUDA autocast runs in bf16/fp16
+    (Trainer._autocast; fp8 runs without autocast). On CPU both are fp32. The CUDA rule is derived from autocast's
+    semantics and has not been run on a GPU."""
+    prec, p = spec.training.precision, spec.plan
+    stage_path = p.pp > 1 or p.cp > 1        # executor/measure.py's Stage driver autocasts bf16 only
+    if device.startswith("cuda") and (prec == "bf16" or (prec == "fp16" and not stage_path)):
+        return 2, F32
+    return F32, F32
+
+
+def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
     """Bytes per comm row one rank of `stage` sends or passes to collectives in one step (comm.py convention:
     all_reduce the buffer, all_gather/reduce_scatter the full tensor, send the tensor). Rows are `COMM_ROWS`."""
     m, p, t = spec.model, spec.plan, spec.training
     M = spec.micro_batches
     tp, cp = p.tp, p.cp
     sp = p.sp and tp > 1
-    e = F32                                                   # executor activations on CPU are fp32
+    lo, hi = activation_dtypes(spec, device)
     T = t.micro_batch * m.seq_len // cp                       # tokens of one micro-batch on one rank
-    A = T * m.hidden * e                                      # one full-sequence activation of this rank
+    A = T * m.hidden                                          # elements of one full-sequence activation
     gb = DTYPE_BYTES[t.grad_dtype]
     n_dp = dp_group_size(spec)
     out = {k: 0 for k in COMM_ROWS}
@@ -208,32 +221,35 @@ def comm_bytes(spec, stage: int) -> dict[str, int]:
     full_rc = t.recompute == "full"
     for (layers, first, last), cunits in zip(chunks, units):
         n = len(layers)
+        emb, head = (1 if first else 0), (1 if last else 0)
         if tp > 1:
-            # SP: each layer 2 AG + 2 RS per pass; embedding RS fwd / AG bwd; head AG fwd / RS bwd.
-            # TP: each layer 2 AR fwd (leave) + 2 AR bwd (enter); embedding AR fwd; head AR bwd.
+            # Per layer and pass two TP regions (attention, MLP), each entered (enter_tp) and left (leave_tp);
+            # tp.py: enter = identity fwd / all-reduce bwd (SP: all-gather fwd / reduce-scatter bwd) of the norm
+            # output (hi); leave = all-reduce fwd / identity bwd (SP: reduce-scatter fwd / all-gather bwd) of the
+            # row-parallel output (lo). The embedding leaves TP once (hi), the LM head input enters once (hi).
             # Full recompute reruns each layer's forward inside the backward, but torch.utils.checkpoint stops the
             # rerun once the last saved tensor is rebuilt (non-reentrant early stop, torch/utils/checkpoint.py
-            # `_checkpoint_early_stop`, default on): the MLP's output reduction (the layer's last collective) is
-            # not repeated. So per layer: TP 1 all-reduce; SP 2 all-gathers and 1 reduce-scatter.
+            # `_checkpoint_early_stop`, default on): the MLP's leave (the layer's last collective) is not repeated.
             if sp:
-                ag = 2 * n + (1 if last else 0) + 2 * n + (1 if first else 0) + (2 * n if full_rc else 0)
-                rs = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (n if full_rc else 0)
-                out["sp_allgather"] += M * ag * A
-                out["sp_reducescatter"] += M * rs * A
+                ag = (2 * n + head) * hi + 2 * n * lo + emb * hi + (2 * n * hi if full_rc else 0)
+                rs = 2 * n * lo + emb * hi + (2 * n + head) * hi + (n * lo if full_rc else 0)
+                out["sp_allgather"] += M * A * ag
+                out["sp_reducescatter"] += M * A * rs
             else:
-                ar = 2 * n + (1 if first else 0) + 2 * n + (1 if last else 0) + (n if full_rc else 0)
-                out["tp_allreduce"] += M * ar * A
+                ar = 2 * n * lo + emb * hi + (2 * n + head) * hi + (n * lo if full_rc else 0)
+                out["tp_allreduce"] += M * A * ar
             if last:
                 out["ce_allreduce"] += M * 3 * T * F32        # vocab-parallel CE: max, target logit, exp-sum
         if cp > 1:
-            # cp_ring.py: K and V stacked, this rank's local sequence; forward cp-1 K/V hops per layer, backward
-            # cp-1 K/V hops and cp-1 dK/dV hops (the accumulator starts one rank after its owner)
-            kv = 2 * (m.n_kv_heads // tp) * T * m.d_head * e
-            per_layer = (cp - 1) * (2 if full_rc else 1) + 2 * (cp - 1)
-            out["cp_kv_exchange"] += M * n * per_layer * kv
+            # cp_ring.py: K and V stacked (linear outputs, lo), this rank's local sequence; forward cp-1 K/V hops
+            # per layer, backward cp-1 K/V hops and cp-1 dK/dV hops (fp32 accumulator, starting one rank after
+            # its owner)
+            kv = 2 * (m.n_kv_heads // tp) * T * m.d_head
+            fwd = (cp - 1) * kv * lo * (2 if full_rc else 1)
+            out["cp_kv_exchange"] += M * n * (fwd + (cp - 1) * kv * lo + (cp - 1) * kv * F32)
         if p.pp > 1:
             s_local = m.seq_len // cp // (tp if sp else 1)
-            msg = s_local * t.micro_batch * m.hidden * e
+            msg = s_local * t.micro_batch * m.hidden * hi     # Stage's act_dtype: the fp32 residual stream
             j_last = len(chunks) * p.pp - 1
             j = chunks.index((layers, first, last)) * p.pp + stage
             out["pp_send_act"] += M * msg if j != j_last else 0
