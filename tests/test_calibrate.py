@@ -112,3 +112,14 @@ def test_calibrate_cli_writes_a_profile_the_simulator_accepts(tmp_path):
     r = simulate_time(spec, profile=prof)
     assert math.isfinite(r.step_time_s) and r.step_time_s > 0
     assert r.step_time_s != simulate_time(spec).step_time_s                  # the profile is used
+
+
+def test_catalog_name_for_cuda_devices():
+    from loom.calibrate import catalog_name
+    from loom.spec.gpus import lookup
+    assert catalog_name("NVIDIA H100 80GB HBM3", 80 * 2**30) == "H100-SXM"
+    assert catalog_name("NVIDIA H200", 141 * 2**30) == "H200"
+    assert catalog_name("NVIDIA A100-SXM4-40GB", 40 * 2**30) == "A100-40GB"
+    assert catalog_name("NVIDIA A100-SXM4-80GB", 80 * 2**30) == "A100-80GB"
+    for n in ("H100-SXM", "H200", "A100-40GB", "A100-80GB", "B200"):
+        assert lookup(n) is not None
