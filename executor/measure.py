@@ -138,7 +138,7 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
 
 class SavedTensors:
     """Bytes saved for backward, by storage. `region` says where the forward is ("layers" inside a Block, "other"
-    elsewhere); parameters are excluded (their storages are model state). A storage is live from its first save
+    elsewhere); parameters and buffers are excluded (their storages are model state). A storage is live from its first save
     until the backward has unpacked every saved reference to it (each is unpacked once by a backward without
     retain_graph); `step` adds its bytes each time it becomes live (so per micro-batch = step / micro-batches),
     `peak_live` is the most bytes live at once."""
@@ -269,7 +269,8 @@ class _Run:
 def _trainer_driver(spec, mesh, device, steps: int, clock: Clock):
     from .train import Trainer
     trainer = Trainer(spec, mesh, device, steps)
-    run = _Run(0, [trainer.dp], trainer.opt, list(trainer.model.layers), list(trainer.model.parameters()))
+    run = _Run(0, [trainer.dp], trainer.opt, list(trainer.model.layers),
+               list(trainer.model.parameters()) + list(trainer.model.buffers()))
     saved = SavedTensors(run.params)
     saved.watch_blocks(run.blocks)
     program = list(trainer.program)
@@ -311,7 +312,7 @@ def _stage_driver(spec, device, steps: int, clock: Clock):
     decay, count = stage.masks()
     opt = FlatAdamW(stage.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
     blocks = [b for d in stage.decoders for b in d.layers]
-    params = [q for d in stage.decoders for q in d.parameters()]
+    params = [q for d in stage.decoders for q in list(d.parameters()) + list(d.buffers())]
     run = _Run(coords["pp"], stage.dps, opt, blocks, params)
     saved = SavedTensors(params)
     saved.watch_blocks(blocks)

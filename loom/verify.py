@@ -275,6 +275,12 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
         pred_layers = st.activations / st.microbatches_in_flight if st.microbatches_in_flight else 0.0
         rows.append(Row(f"activation bytes per micro-batch, {layers} layers (stage {stage})", pred_layers, per_mb,
                         tol["activations"], "B", None, ACTIVATION_NOTE))
+        extras = vp.cpu_activation_extras(spec, stage) if not cuda else None
+        if extras is not None:
+            terms = ", ".join(f"{k} {v:,}" for k, v in extras.items() if v)
+            rows.append(Row(f"activation bytes per micro-batch, executor's CPU kernels (stage {stage})",
+                            pred_layers + sum(extras.values()), per_mb, tol["model_states"], "B", pred_layers,
+                            f"memory model + what the eager CPU twins save beyond it: {terms}"))
         peak_saved = max(r["steps"][i]["saved_peak_bytes"] for i in timed)
         per_mb_all = sum(r["steps"][i]["saved_layers_bytes"] + r["steps"][i]["saved_other_bytes"]
                          for i in timed) / len(timed) / spec.micro_batches

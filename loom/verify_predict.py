@@ -356,3 +356,42 @@ def comm_notes(spec) -> dict[str, str]:
         "tied_embedding_allreduce": "not in the plan: tied embedding gradient summed over first and last stage",
     }
     return notes
+
+
+# ---- activations: what the eager CPU executor saves beyond the memory model ----------------------------------------
+def cpu_activation_extras(spec, stage: int) -> dict[str, int] | None:
+    """Bytes per micro-batch that the executor's layers save on CPU beyond the memory model's Korthikanti terms
+    (simulator/activations.py, FlashAttention assumption), by cause; None where this accounting does not apply
+    (cp > 1: ring attention; recompute; LayerNorm/GELU/learned positions: other twins). Found by walking the
+    autograd graph of one layer (each node's `_saved_*` tensors) of executor/model.py with the kernels' torch twins:
+    - attention_scores: kernels/reference.py's attention materialises the scores and exp(scores - lse), two
+      b·heads·s² fp32 tensors (FlashAttention keeps neither);
+    - attention_masks: the causal mask (s² bool) and the logsumexp guard (b·heads·s bool);
+    - gqa_expanded_kv: K and V are saved after expansion to all query heads (the model counts kv_heads);
+    - norm_intermediates: each RMSNorm (two per layer) saves x·rsqrt(mean x²) and the rsqrt besides its input and
+      output (the model counts input and output);
+    - sp_gathered_inputs: with SP the linear layers save the all-gathered full-sequence input; Megatron (and the
+      model) keep the local shard and gather it again in the backward.
+    (The RoPE tables, also saved, are module buffers: measured with the model state, not as activations.)"""
+    m, p, t = spec.model, spec.plan, spec.training
+    if p.cp > 1 or t.recompute != "none" or t.precision != "fp32" or m.norm != "rmsnorm" or not m.gated \
+            or m.position != "rope":
+        return None
+    b, s, h, d = t.micro_batch, m.seq_len, m.hidden, m.d_head
+    tp = p.tp
+    sp = p.sp and tp > 1
+    hl, kl = m.heads // tp, m.n_kv_heads // tp
+    T = b * s
+    Tn = T // tp if sp else T
+    out = {"attention_scores": 0, "attention_masks": 0, "gqa_expanded_kv": 0, "norm_intermediates": 0,
+           "sp_gathered_inputs": 0}
+    for layers, _, _ in stage_chunks(spec, stage):
+        n = len(layers)
+        if n == 0:
+            continue
+        out["attention_scores"] += n * 2 * b * hl * s * s * F32
+        out["attention_masks"] += n * (s * s + b * hl * s)
+        out["gqa_expanded_kv"] += n * 2 * b * s * (hl - kl) * d * F32
+        out["norm_intermediates"] += n * 2 * (Tn * h * F32 + Tn * F32)
+        out["sp_gathered_inputs"] += n * 2 * (T - Tn) * h * F32
+    return out
