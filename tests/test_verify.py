@@ -314,3 +314,34 @@ def test_measured_bubble_waits_for_the_pipeline_receive():
     assert busy[f.id] == pytest.approx(0.006) and busy[b.id] == pytest.approx(0.010)
     durations = [busy.get(i, 0.0) for i in range(len(plan))]
     assert bubble_fraction({"stage1": slices}, durations) == pytest.approx(0.004 / 0.020)
+
+
+def test_cuda_rows_on_a_cuda_measurement(measured):
+    """The CUDA branches of the comparison (no GPU here: a CPU measurement relabelled): peak-memory rows appear with
+    the GPU tolerance, the CPU-kernel activation row does not, step time uses the GPU tolerance."""
+    from loom.verify import compare
+    data = json.loads(json.dumps(measured["dp2-zero1"]))
+    for r in data["ranks"]:
+        r["device"] = "cuda:0"
+        r["memory"].update(max_memory_allocated=10**6, max_memory_reserved=2 * 10**6)
+    rows = {r.metric: r for r in compare(make_spec(PLANS["dp2-zero1"]), data)}
+    assert rows["peak memory allocated (stage 0)"].tolerance == 0.05
+    assert rows["peak memory reserved (stage 0)"].measured == 2 * 10**6
+    assert rows["step time"].tolerance == 0.10
+    assert not any("CPU kernels" in m for m in rows)
+
+
+def test_cuda_bf16_activation_collectives_use_the_autocast_dtype():
+    """Under bf16 autocast the row-parallel outputs (and their gradients) are bf16, the residual stream fp32: with
+    tp2+SP per layer and pass 2 of the 4 all-gathers carry bf16 (derived rule; CPU: all fp32)."""
+    from loom.verify_predict import comm_bytes
+    d = json.loads(json.dumps(BASE))
+    d["cluster"]["gpu"] = "H100-SXM"
+    d["training"]["precision"] = "bf16"
+    d["parallel"] = {"tp": 2, "sp": True}
+    spec = spec_from_dict(d)
+    cpu, gpu = comm_bytes(spec, 0, "cpu"), comm_bytes(spec, 0, "cuda:0")
+    M, A, n = spec.micro_batches, 2 * 32 * 64, 2
+    assert cpu["sp_allgather"] - gpu["sp_allgather"] == M * A * 2 * n * 2      # 2n bf16 backward gathers
+    assert cpu["sp_reducescatter"] - gpu["sp_reducescatter"] == M * A * 2 * n * 2
+    assert cpu["ce_allreduce"] == gpu["ce_allreduce"]
