@@ -19,7 +19,7 @@ chunk's DP reduction therefore runs at the `optimizer` op instead of its own `dp
 earlier could deadlock (the last stage would wait for the first while the first waits for the last stage's
 gradients). ZeRO-2/3 (part 1's DataParallel) reduce-scatter after every micro-batch's backward (`after_backward`
 below), so they cannot take the tied sum this way (checked).
-ZeRO-3 with pp > 1 is refused (its per-layer gathers are not scheduled against the pipeline's micro-batches);
+ZeRO-3 is refused here (its per-layer gathers are not driven by the runner; a quick try hung, even at pp = 1);
 DeepSpeed's PipelineEngine refuses ZeRO-2 and ZeRO-3 with pipeline parallelism altogether
 (deepspeed/runtime/pipe/engine.py: "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"); here ZeRO-2
 works for untied models (tested).
@@ -84,10 +84,10 @@ class Stage:
             apply_context_parallel(d, self.cp, cp_layout, timeout_s)
             self.decoders.append(d)
         self.tied = tied_embedding_param(self.decoders) if m.tied_embeddings and p.pp > 1 else None
-        if p.zero == 3 and p.pp > 1:
-            raise ValueError("ZeRO-3 with pipeline parallelism is not supported by this executor yet (its per-layer "
-                             "parameter gathers are not scheduled against the pipeline's micro-batches); fix: "
-                             "parallel.zero <= 2, or pp = 1")
+        if p.zero == 3:
+            raise ValueError("ZeRO-3 is not supported with pipeline or context parallelism in this executor yet "
+                             "(its per-layer parameter gathers are not driven by the pipeline runner); fix: "
+                             "parallel.zero <= 2, or pp = cp = 1")
         if self.tied is not None and p.zero >= 2:
             raise ValueError("tied embeddings with pp > 1 need parallel.zero <= 1 in this executor (ZeRO-2/3 "
                              "reduce-scatter every micro-batch, before the cross-stage sum of the tied gradient); "
