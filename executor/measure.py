@@ -47,9 +47,6 @@ import torch.nn as nn
 
 from . import comm
 
-SYNC_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
-
-
 # ---- clock -----------------------------------------------------------------------------------------------------
 class Mark:
     """A CUDA event's place in `Clock.events`, resolved to seconds after the step (`Clock.resolve`)."""
@@ -231,10 +228,11 @@ class OpTimes:
 
 
 class TimedProgram:
-    """The plan program as Trainer.step iterates it: each op is timed from its yield to the next request."""
+    """The plan program as Trainer.step iterates it (`for op in self.program`): each op is timed from its yield to
+    the loop's next request, i.e. exactly the work the loop body does for it."""
 
-    def __init__(self, ops: list, clock: Clock, saved: SavedTensors):
-        self.ops, self.clock, self.saved = ops, clock, saved
+    def __init__(self, ops: list, clock: Clock):
+        self.ops, self.clock = ops, clock
         self.times = OpTimes()
 
     def __iter__(self):
@@ -248,44 +246,48 @@ class TimedProgram:
 
 
 def _random_batch(spec, step: int, dp_rank: int, device: torch.device) -> Callable[[int], tuple]:
+    """Micro-batch mb's (ids, targets) of this DP replica: seeded random tokens (the Stage driver's data)."""
     t, m = spec.training, spec.model
-    per_replica = t.global_batch // spec.plan.dp
 
     def batch(mb: int):
         g = torch.Generator().manual_seed(spec.training.seed * 7919 + step * 1009 + dp_rank * 31 + mb)
         x = torch.randint(m.vocab, (t.micro_batch, m.seq_len + 1), generator=g).to(device)
         return x[:, :-1], x[:, 1:]
-    assert per_replica % t.micro_batch == 0
     return batch
 
 
+@dataclass
 class _Run:
-    """What both drivers return to `measure`."""
+    """What both drivers hand to `measure`: the DataParallel wrappers and optimizer (model states), the saved-tensor
+    counter, and `one_step(step) -> OpTimes`."""
+    dps: list
+    opt: Any
+    saved: SavedTensors
+    one_step: Callable[[int], OpTimes]
 
-    def __init__(self, stage: int, dps: list, opt, blocks: list[nn.Module], params: list[torch.Tensor]):
-        self.stage, self.dps, self.opt, self.blocks, self.params = stage, dps, opt, blocks, params
+
+def _counter(params: list[torch.Tensor], blocks: list[nn.Module]) -> SavedTensors:
+    saved = SavedTensors(params)
+    saved.watch_blocks(blocks)
+    return saved
 
 
-def _trainer_driver(spec, mesh, device, steps: int, clock: Clock):
+def _trainer_driver(spec, mesh, device, steps: int, clock: Clock) -> _Run:
     from .train import Trainer
     trainer = Trainer(spec, mesh, device, steps)
-    run = _Run(0, [trainer.dp], trainer.opt, list(trainer.model.layers),
-               list(trainer.model.parameters()) + list(trainer.model.buffers()))
-    saved = SavedTensors(run.params)
-    saved.watch_blocks(run.blocks)
+    saved = _counter(list(trainer.model.parameters()) + list(trainer.model.buffers()), list(trainer.model.layers))
     program = list(trainer.program)
 
     def one_step(step: int) -> OpTimes:
-        tp = TimedProgram(program, clock, saved)
-        trainer.program = tp
+        timed = TimedProgram(program, clock)
+        trainer.program = timed
         with saved.hooks():
             trainer.step()
-        return tp.times
-    run.one_step, run.saved = one_step, saved
-    return run
+        return timed.times
+    return _Run([trainer.dp], trainer.opt, saved, one_step)
 
 
-def _stage_driver(spec, device, steps: int, clock: Clock):
+def _stage_driver(spec, device, steps: int, clock: Clock) -> _Run:
     from loom.spec.compile import compile_plan
     from loom.spec.mesh import Mesh as SpecMesh
 
@@ -311,11 +313,8 @@ def _stage_driver(spec, device, steps: int, clock: Clock):
                   act_dtype=act_dtype)
     decay, count = stage.masks()
     opt = FlatAdamW(stage.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
-    blocks = [b for d in stage.decoders for b in d.layers]
-    params = [q for d in stage.decoders for q in list(d.parameters()) + list(d.buffers())]
-    run = _Run(coords["pp"], stage.dps, opt, blocks, params)
-    saved = SavedTensors(params)
-    saved.watch_blocks(blocks)
+    saved = _counter([q for d in stage.decoders for q in list(d.parameters()) + list(d.buffers())],
+                     [b for d in stage.decoders for b in d.layers])
     program = plan.program(coords["pp"])
     other_ops = [op for op in program if op.kind.value in ("dp_allreduce", "dp_reducescatter", "optimizer",
                                                            "zero_allgather")]
@@ -364,8 +363,7 @@ def _stage_driver(spec, device, steps: int, clock: Clock):
             del dp.finish_backward
         state["step"] += 1
         return _stage_times(program, other_ops, res, events, base)
-    run.one_step, run.saved = one_step, saved
-    return run
+    return _Run(stage.dps, opt, saved, one_step)
 
 
 def _stage_times(program: list, other_ops: list, res, events: list, base: float) -> OpTimes:

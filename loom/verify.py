@@ -19,7 +19,6 @@ A metric with no tolerance is reported, not judged.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys

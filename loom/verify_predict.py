@@ -75,7 +75,8 @@ def _chunk_params(spec, layers: range, first: bool, last: bool) -> list[Param]:
 
 
 def _layer_params(spec) -> list[Param]:
-    return [q for q in _chunk_params(spec, range(1), False, False)]
+    """One layer's parameters (no embedding, norm or head), in order."""
+    return _chunk_params(spec, range(1), False, False)
 
 
 def stage_chunks(spec, stage: int) -> list[tuple[range, bool, bool]]:
