@@ -321,8 +321,21 @@ def run_measurement(spec, spec_path: str, steps: int) -> dict:
         proc = subprocess.run(measure_command(spec, spec_path, out, steps), env=env, capture_output=True,
                               text=True)
         if proc.returncode != 0 or not Path(out).exists():
-            raise RuntimeError(f"the executor failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(_failure(proc.returncode, proc.stderr))
         return json.loads(Path(out).read_text())
+
+
+def _failure(code: int, stderr: str) -> str:
+    """The ranks' own error message (the first `...Error: message` line a rank printed), not torchrun's traceback;
+    LOOM_DEBUG=1 appends the stderr tail."""
+    import re
+    found = re.findall(r"^(?:\[rank\d+\]: )?(\w+(?:Error|Exception|Timeout)): (.+)$", stderr, flags=re.M)
+    found = [(k, m) for k, m in found if k != "ChildFailedError" and "remote worker crashing" not in m]
+    msg = f"{found[0][0]}: {found[0][1]}" if found else "see the output below"
+    text = f"the executor failed (exit {code}): {msg}"
+    if os.environ.get("LOOM_DEBUG") or not found:
+        text += "\n" + stderr[-4000:]
+    return text
 
 
 # ---- output ---------------------------------------------------------------------------------------------------------

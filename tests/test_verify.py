@@ -345,3 +345,14 @@ def test_cuda_bf16_activation_collectives_use_the_autocast_dtype():
     assert cpu["sp_allgather"] - gpu["sp_allgather"] == M * A * 2 * n * 2      # 2n bf16 backward gathers
     assert cpu["sp_reducescatter"] - gpu["sp_reducescatter"] == M * A * 2 * n * 2
     assert cpu["ce_allreduce"] == gpu["ce_allreduce"]
+
+
+def test_executor_failure_shows_the_ranks_message_not_torchruns_traceback():
+    from loom.verify import _failure
+    err = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n"
+           "[rank1]: ValueError: ZeRO-3 is not supported with pipeline parallelism; fix: parallel.zero <= 2\n"
+           "RuntimeError: [gloo] Connection closed by peer. This is typically caused by a remote worker crashing.\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    msg = _failure(1, err)
+    assert msg.startswith("the executor failed (exit 1): ValueError: ZeRO-3 is not supported")
+    assert "Traceback" not in msg
