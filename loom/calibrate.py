@@ -454,6 +454,11 @@ def calibrate_cli(args) -> int:
     if args.seconds <= 0:
         print("loom calibrate: --seconds must be positive", file=sys.stderr)
         return 2
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        print(f"loom calibrate: --out {args.out}: the directory {parent} does not exist or is not writable",
+              file=sys.stderr)
+        return 2
     fields, meta = calibrate(args.seconds, _bar if sys.stderr.isatty() else None)
     if sys.stderr.isatty():
         print(file=sys.stderr)
