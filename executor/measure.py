@@ -275,7 +275,9 @@ def _counter(params: list[torch.Tensor], blocks: list[nn.Module]) -> SavedTensor
 def _trainer_driver(spec, mesh, device, steps: int, clock: Clock) -> _Run:
     from .train import Trainer
     trainer = Trainer(spec, mesh, device, steps)
-    saved = _counter(list(trainer.model.parameters()) + list(trainer.model.buffers()), list(trainer.model.layers))
+    from .model import Block
+    saved = _counter(list(trainer.model.parameters()) + list(trainer.model.buffers()),
+                     [mod for mod in trainer.model.modules() if isinstance(mod, Block)])
     program = list(trainer.program)
 
     def one_step(step: int) -> OpTimes:
@@ -313,8 +315,9 @@ def _stage_driver(spec, device, steps: int, clock: Clock) -> _Run:
                   act_dtype=act_dtype)
     decay, count = stage.masks()
     opt = FlatAdamW(stage.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
+    from .model import Block
     saved = _counter([q for d in stage.decoders for q in list(d.parameters()) + list(d.buffers())],
-                     [b for d in stage.decoders for b in d.layers])
+                     [mod for d in stage.decoders for mod in d.modules() if isinstance(mod, Block)])
     program = plan.program(coords["pp"])
     other_ops = [op for op in program if op.kind.value in ("dp_allreduce", "dp_reducescatter", "optimizer",
                                                            "zero_allgather")]
