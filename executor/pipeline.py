@@ -72,7 +72,8 @@ class Chunk:
 class StepResult:
     loss: float | None                          # sum of the scaled micro-batch losses (last stage), else None
     trace: list[str] = field(default_factory=list)          # executed pipeline actions, in order
-    times: list[tuple[str, float, float]] = field(default_factory=list)   # (action, start_s, end_s)
+    times: list[tuple[str, float, float]] = field(default_factory=list)   # (action, start_s, end_s) from t0_s
+    t0_s: float = 0.0                           # time.perf_counter() at the step's start (CLOCK_MONOTONIC on Linux)
 
 
 class PipelineRunner:
@@ -148,7 +149,7 @@ class PipelineRunner:
         done_b: set[tuple[int, int]] = set()
         res = StepResult(None)
         loss = torch.zeros((), dtype=torch.float64)
-        t_base = time.perf_counter()
+        t_base = res.t0_s = time.perf_counter()
         for item in program:
             a = to_action(item)
             if a is None:

@@ -110,6 +110,28 @@ def test_bf16_stage_boundaries_halve_the_bytes_and_stay_close(schedule, vpp):
             assert r["sent"]["pp"] == r["planned"]["pp"] == 16 * 1 * 32 * 2 * 8 * (2 * vpp - 1), r["coords"]
 
 
+@pytest.mark.parametrize("name", ["pp2-afab", "pp2-1f1b", "pp2-interleaved-vpp2", "pp4-1f1b-m8"])
+def test_measured_times_respect_the_pipeline_dependencies(runs, name):
+    """On the machine's monotonic clock (shared by the ranks): virtual stage j+1's forward of a micro-batch ends
+    after stage j's, and stage j's backward ends after stage j+1's, i.e. the data really flowed between ranks."""
+    cfg, res, _ = runs(name)
+    end: dict[tuple[str, int, int], float] = {}          # (F|B, virtual stage, micro-batch) -> end time
+    for r in res:
+        if r is None:
+            continue
+        s = r["coords"]["pp"]
+        for a, _, t1 in r["times"]:
+            if a[0] in "FB":
+                mb, c = map(int, a[1:].split("."))
+                end[(a[0], c * cfg.pp + s, mb)] = t1
+    n_virtual, m = cfg.pp * cfg.vpp, cfg.global_batch // cfg.micro_batch
+    assert len(end) == 2 * n_virtual * m
+    for mb in range(m):
+        for j in range(n_virtual - 1):
+            assert end[("F", j, mb)] < end[("F", j + 1, mb)], (j, mb)
+            assert end[("B", j + 1, mb)] < end[("B", j, mb)], (j, mb)
+
+
 def test_schedules_really_differ():
     """The order test above could not tell schedules apart if they were the same: they are not."""
     orders = {k: [str(a) for a in build_schedule(k, 2, 4, 2 if k == "interleaved" else 1)[0]]

@@ -256,6 +256,7 @@ def train_parallel(cfg: Cfg) -> dict | None:
         losses.append(res.loss)
         traces.append(res.trace)
         if step == 0:
+            times = [(a, res.t0_s + t0, res.t0_s + t1) for a, t0, t1 in res.times]
             for rec in comm.LOG.records:
                 if rec.kind == "send":
                     sent[rec.group] = sent.get(rec.group, 0) + rec.bytes
@@ -268,6 +269,7 @@ def train_parallel(cfg: Cfg) -> dict | None:
         dist.all_reduce(total, group=groups["dp+cp"].pg)
     return {"coords": c, "losses": total.tolist() if res.loss is not None else None, "norms": norms,
             "params": named_params(stage.decoders), "trace": traces[0], "sent": sent, "planned": planned,
+            "times": times,
             "plan": [str(a) for a in _pp_actions(program)]}
 
 
