@@ -215,6 +215,24 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
         slowest = max(ranks, key=lambda r: r["steps"][i]["time_s"])
         exposed.append(measured_exposed_comm(plan, slowest["steps"][i]))
     sim_bubble = sim.bubble_fraction if sim.bubble_fraction > 1e-12 else 0.0     # float dust of a no-PP plan
+    # where the time goes: compute per kind on the slowest rank (busy time: pipeline receive waits excluded)
+    by_kind: dict[str, list[float]] = {}
+    for i in timed:
+        slowest = max(ranks, key=lambda r: r["steps"][i]["time_s"])
+        _, busy = measured_slices(plan, slowest["steps"][i])
+        acc: dict[str, float] = {}
+        for op_id, dur in busy.items():
+            k = plan.op(op_id).kind.value
+            if plan.op(op_id).is_compute:
+                acc[k] = acc.get(k, 0.0) + dur
+        for k, v in acc.items():
+            by_kind.setdefault(k, []).append(v)
+    for k in ("forward", "backward", "recompute", "optimizer"):
+        if k in by_kind or k in sim.compute_s_by_kind:
+            meas = sum(by_kind.get(k, [0.0])) / max(1, len(by_kind.get(k, [])))
+            rows.append(Row(f"compute time {k}", sim.compute_s_by_kind.get(k, 0.0), meas, None, "s",
+                            note="per step, slowest rank; TP/SP collectives inside it" if k != "optimizer" else
+                            "per step, slowest rank"))
     rows.append(Row("bubble fraction", sim_bubble, sum(bubbles) / len(bubbles), tol["bubble"], "",
                     note="loom.simulator.timing.bubble_fraction on the measured op times"))
     for d in ("tp", "cp", "pp", "dp"):
