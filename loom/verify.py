@@ -29,9 +29,10 @@ from typing import Any
 
 from loom import verify_predict as vp
 
-DEFAULT_TOLERANCES: dict[str, float | None] = {
-    "comm_bytes": 0.0, "model_states": 0.0, "activations": 0.03, "peak_memory": 0.05,
-    "step_time_gpu": 0.10, "step_time_cpu": 0.25, "bubble": None, "exposed_comm": None}
+from loom.spec.spec import VerifySpec
+
+# One source of truth: the [verify] table's defaults (spec/spec.py).
+DEFAULT_TOLERANCES: dict[str, float | None] = VerifySpec().model_dump()
 
 
 ACTIVATION_NOTE = ("memory model (Korthikanti §4.1 terms; FlashAttention, SwiGLU 4 tensors) vs the tensors the "
@@ -175,7 +176,7 @@ def tolerances(spec, overrides: dict[str, float | None] | None = None) -> dict[s
     tol = dict(DEFAULT_TOLERANCES)
     v = getattr(spec, "verify", None)
     if v is not None:
-        tol.update({k: val for k, val in v.model_dump().items() if k in tol and k in v.model_fields_set})
+        tol.update(v.model_dump())
     tol.update(overrides or {})
     return tol
 

@@ -111,7 +111,8 @@ class ParallelSpec(BaseModel):
 
 class VerifySpec(BaseModel):
     """[verify]: relative tolerances of `loom verify` (0 = exact; a number is a fraction, 0.1 = 10 %). Unset
-    fields keep loom.verify.DEFAULT_TOLERANCES; bubble and exposed_comm are reported, not judged, unless set."""
+    fields keep these defaults (loom.verify.DEFAULT_TOLERANCES is this table); bubble and exposed_comm are
+    reported, not judged, unless set."""
     model_config = ConfigDict(extra="forbid", frozen=True)
     comm_bytes: NonNegativeFloat = 0.0
     model_states: NonNegativeFloat = 0.0         # parameter, gradient and optimizer bytes
