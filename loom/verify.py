@@ -266,7 +266,7 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
             ref = planned.get(k) if k in vp.PLAN_KINDS else None
             note = ""
             if ref is not None and round(ref) != exact.get(k, 0):
-                note = "plan differs: " + notes.get(k, "")
+                note = "plan differs: " + (notes.get(k) or "for no known reason: a mismatch to look at")
             elif k not in vp.PLAN_KINDS:
                 note = notes.get(k, "not classified: executor collective with no predicted row")
             if k in disagree:

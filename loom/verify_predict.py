@@ -336,6 +336,12 @@ def plan_comm_bytes(plan, stage: int) -> dict[str, float]:
 def comm_notes(spec) -> dict[str, str]:
     """Why the plan's bytes (spec/compile.py) differ from the executor's for each row, where they do."""
     p = spec.plan
+    padded = any(st["padded_elements"] != st["param_elements"] for st in
+                 (state_bytes(spec, k) for k in range(p.pp)))
+    pad = ("; ".join(x for x in (
+        "the executor pads each unit to a multiple of the DP group" if padded else "",
+        "the executor pads the vocabulary to a multiple of tp" if spec.model.vocab % p.tp else "") if x)
+        + ("; the plan uses unpadded parameter counts" if padded or spec.model.vocab % p.tp else ""))
     rc = ("; with full recompute the plan repeats both per-layer reductions, torch's checkpoint (early stop) "
           "reruns only the first") if spec.training.recompute == "full" else ""
     notes = {
@@ -344,9 +350,11 @@ def comm_notes(spec) -> dict[str, str]:
         "sp_allgather": "the plan leaves out the head input's all-gather (fwd) and the embedding's (bwd)",
         "sp_reducescatter": "the plan leaves out the embedding's reduce-scatter (fwd) and the head input's (bwd)" + rc,
         "cp_kv_exchange": "the plan's K/V message uses the precision's bytes; the executor's are fp32 here",
-        "dp_allreduce": "the executor pads each bucket to a multiple of the DP group and the vocabulary to a "
-                        "multiple of tp; the plan uses unpadded parameter counts",
-        "dp_reducescatter": "as dp_allreduce (padding); fp32 buffers are the grad_dtype here",
+        "dp_allreduce": pad,
+        "dp_reducescatter": "; ".join(x for x in (pad, (
+            "under PP the plan reduce-scatters ZeRO-2/3 gradients once per step (spec/compile.py), the executor "
+            "after every micro-batch (pp_stage.Stage frees the full gradient each time)"
+            if p.zero >= 2 and p.pp > 1 else "")) if x),
         "zero_allgather": "the executor gathers fp32 flat parameters (padded); the plan precision-sized unpadded "
                           "ones" + ("; ZeRO-3 also gathers the root unit (embedding, final norm, head) once per "
                                     "micro-batch" if p.zero == 3 else ""),
