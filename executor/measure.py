@@ -285,6 +285,10 @@ def _trainer_driver(spec, mesh, device, steps: int, clock: Clock) -> _Run:
         trainer.program = timed
         with saved.hooks():
             trainer.step()
+        if len(timed.times.rows) != len(program):
+            raise RuntimeError(f"measure: Trainer.step ran {len(timed.times.rows)} of the program's {len(program)} "
+                               "ops through `self.program`: its loop changed; time the ops with an on_op hook "
+                               "(/work/notes/requests-verify.md)")
         return timed.times
     return _Run([trainer.dp], trainer.opt, saved, one_step)
 
