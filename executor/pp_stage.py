@@ -19,10 +19,11 @@ chunk's DP reduction therefore runs at the `optimizer` op instead of its own `dp
 earlier could deadlock (the last stage would wait for the first while the first waits for the last stage's
 gradients). ZeRO-2/3 (part 1's DataParallel) reduce-scatter after every micro-batch's backward (`after_backward`
 below), so they cannot take the tied sum this way (checked).
-ZeRO-3 is refused here (its per-layer gathers are not driven by the runner; a quick try hung, even at pp = 1);
-DeepSpeed's PipelineEngine refuses ZeRO-2 and ZeRO-3 with pipeline parallelism altogether
-(deepspeed/runtime/pipe/engine.py: "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"); here ZeRO-2
-works for untied models (tested).
+ZeRO-3: part 1's layer hooks gather each layer around its forward and backward; the root unit (embedding, final
+norm, head) is gathered before every chunk forward and every backward (AFAB runs several backwards after the
+forwards, and each ZeRO-3 backward frees the root again). DeepSpeed's PipelineEngine refuses ZeRO-2 and ZeRO-3
+with pipeline parallelism altogether (deepspeed/runtime/pipe/engine.py: "ZeRO-2 and ZeRO-3 are incompatible with
+pipeline parallelism"); here both work for untied models (tested).
 The gradient norm adds over the pp group as well, counting the tied weight once (on the first stage), like
 Megatron-LM's clip_grads (which skips the shared embedding on the last stage).
 """
@@ -84,10 +85,6 @@ class Stage:
             apply_context_parallel(d, self.cp, cp_layout, timeout_s)
             self.decoders.append(d)
         self.tied = tied_embedding_param(self.decoders) if m.tied_embeddings and p.pp > 1 else None
-        if p.zero == 3:
-            raise ValueError("ZeRO-3 is not supported with pipeline or context parallelism in this executor yet "
-                             "(its per-layer parameter gathers are not driven by the pipeline runner); fix: "
-                             "parallel.zero <= 2, or pp = cp = 1")
         if self.tied is not None and p.zero >= 2:
             raise ValueError("tied embeddings with pp > 1 need parallel.zero <= 1 in this executor (ZeRO-2/3 "
                              "reduce-scatter every micro-batch, before the cross-stage sum of the tied gradient); "
@@ -121,7 +118,9 @@ class Stage:
         for d in self.decoders:
             ch = decoder_chunk(d, local_batch, loss_multiplier / self.global_tokens)
 
-            def run(x, mb, run=ch.run, last=ch.last):
+            def run(x, mb, run=ch.run, last=ch.last, dp=self.dps[len(chunks)]):
+                if dp.zero == 3:                             # embedding, final norm, head: gathered per forward
+                    dp.gather_root()
                 # Stage boundaries carry `act_dtype` (bf16 like Megatron's pipeline messages, half the bytes of
                 # the fp32 residual stream): the cast is differentiable, so the gradient travels in it as well.
                 with forward_ctx():
@@ -137,6 +136,8 @@ class Stage:
             # the hooks of the last one (overlapping it), earlier ones only accumulate.
             # The chunk holding a tied copy never arms its hooks: it is reduced at the optimizer op.
             self.dps[a.chunk].start_micro_batch(k, n + 1 if a.chunk == self.tied_chunk else n)
+            if self.dps[a.chunk].zero == 3:              # the root unit was freed after the last backward
+                self.dps[a.chunk].gather_root()
 
         def on_other(op: Any) -> None:
             kind = op.kind.value

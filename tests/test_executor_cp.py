@@ -168,8 +168,11 @@ def test_ring_peer_missing_is_a_named_timeout():
 
 # ---- training parity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [Cfg(cp=2, cp_layout="contiguous"), Cfg(cp=2, cp_layout="zigzag"),
-                                 Cfg(cp=2, recompute="selective"), Cfg(cp=2, zero=1)],
-                         ids=["cp2-contiguous", "cp2-zigzag", "cp2-zigzag-selective-recompute", "cp2-zero1"])
+                                 Cfg(cp=2, recompute="selective"), Cfg(cp=2, zero=1),
+                                 Cfg(cp=2, zero=3, model=dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64,
+                                                              vocab=64, seq_len=16))],
+                         ids=["cp2-contiguous", "cp2-zigzag", "cp2-zigzag-selective-recompute", "cp2-zero1",
+                              "cp2-zero3-untied"])
 def test_cp_training_matches_single_process(cfg):
     ref = train_reference(cfg)
     res = shared_pool().run(train_parallel, cfg)

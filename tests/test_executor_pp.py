@@ -12,6 +12,7 @@ from loom.executor.pipeline import Chunk, PipelineError, PipelineRunner, PPActio
 from loom.spec.schedules import build_schedule
 from test_executor_pp_harness import Cfg, compare, shared_pool, train_parallel, train_reference
 
+UNTIED = dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64, vocab=64, seq_len=16)
 LAYOUTS = {
     "pp2-afab": Cfg(pp=2, schedule="afab"),
     "pp2-1f1b": Cfg(pp=2, schedule="1f1b"),
@@ -21,8 +22,9 @@ LAYOUTS = {
     "pp2xtp2": Cfg(pp=2, tp=2),
     "pp2xtp2-sp": Cfg(pp=2, tp=2, sp=True),
     "dp2xpp2-zero1": Cfg(dp=2, pp=2, zero=1),
-    "dp2xpp2-zero2-untied": Cfg(dp=2, pp=2, zero=2, model=dict(layers=4, hidden=32, heads=4, kv_heads=2,
-                                                                ffn_hidden=64, vocab=64, seq_len=16)),
+    "dp2xpp2-zero2-untied": Cfg(dp=2, pp=2, zero=2, model=UNTIED),
+    "dp2xpp2-afab-zero3-untied": Cfg(dp=2, pp=2, schedule="afab", zero=3, model=UNTIED),
+    "dp2xpp2-interleaved-zero3-untied": Cfg(dp=2, pp=2, schedule="interleaved", vpp=2, zero=3, model=UNTIED),
     # clipping active (the norm is ~0.77, clipped to 0.02): a wrong global norm over stages or the tied copy
     # changes every update
     "dp2xpp2-interleaved-clip": Cfg(dp=2, pp=2, schedule="interleaved", vpp=2, grad_clip=0.02),
@@ -198,7 +200,7 @@ def test_chunk_roles_must_match_the_virtual_stage():
         PipelineRunner([Chunk(lambda x, mb: x, False, True)], SINGLE, (1,), torch.float32)
 
 
-@pytest.mark.parametrize("zero, tied, match", [(3, False, "ZeRO-3 is not supported"), (2, True, "tied embeddings")])
+@pytest.mark.parametrize("zero, tied, match", [(3, True, "tied embeddings"), (2, True, "tied embeddings")])
 def test_unsupported_stage_combinations_are_named_errors(zero, tied, match):
     from loom.executor.comm import Group
     from loom.executor.pp_stage import Stage

@@ -264,6 +264,10 @@ def train_parallel(cfg: Cfg) -> dict | None:
     for op in program:
         if op.kind.value in ("pp_send_act", "pp_send_grad", "cp_kv_exchange"):
             planned[op.group] = planned.get(op.group, 0.0) + op.msg_bytes * op.count
+    if cfg.zero == 3:                                # ZeRO-3 keeps only shards between steps: gather to read
+        for dp in stage.dps:
+            for u in dp.units:
+                dp._gather(u)
     total = torch.tensor([l if l is not None else 0.0 for l in losses], dtype=torch.float64)
     if groups["dp+cp"].active:
         dist.all_reduce(total, group=groups["dp+cp"].pg)
