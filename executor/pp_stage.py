@@ -97,6 +97,7 @@ class Stage:
         self.global_tokens = t.global_batch * m.seq_len
         s_local = m.seq_len // p.cp // (p.tp if p.sp else 1)
         self.act_shape = (s_local, t.micro_batch, m.hidden)
+        self.act_dtype = act_dtype
         self.runner_args = (self.pp, self.act_shape, act_dtype, torch.device(device), timeout_s)
 
     # ---- the step ----------------------------------------------------------------------------------------------
@@ -114,22 +115,21 @@ class Stage:
             return shard_batch(ids, tgt, self.cp, self.cp_layout)
 
         chunks: list[Chunk] = []
-        wire = self.runner_args[2]
-        for d in self.decoders:
+        for d, dp in zip(self.decoders, self.dps):
             ch = decoder_chunk(d, local_batch, loss_multiplier / self.global_tokens)
 
-            def run(x, mb, run=ch.run, last=ch.last, dp=self.dps[len(chunks)]):
+            def run(x, mb, run=ch.run, last=ch.last, dp=dp):
                 if dp.zero == 3:                             # embedding, final norm, head: gathered per forward
                     dp.gather_root()
                 # Stage boundaries carry `act_dtype` (bf16 like Megatron's pipeline messages, half the bytes of
                 # the fp32 residual stream): the cast is differentiable, so the gradient travels in it as well.
                 with forward_ctx():
                     y = run(None if x is None else x.to(torch.float32), mb)
-                return y if last else y.to(wire)
+                return y if last else y.to(self.act_dtype)
             chunks.append(Chunk(run, ch.first, ch.last))
         runner = PipelineRunner(chunks, *self.runner_args)
         reduced: set[int] = set()
-        gathered: list[bool] = []
+        gathered = False
 
         def before_backward(a: PPAction, k: int, n: int) -> None:
             # DataParallel's accumulation protocol, per chunk: the k-th of n backwards; buckets are reduced from
@@ -140,6 +140,7 @@ class Stage:
                 self.dps[a.chunk].gather_root()
 
         def on_other(op: Any) -> None:
+            nonlocal gathered
             kind = op.kind.value
             if kind in ("dp_allreduce", "dp_reducescatter") and op.chunk not in reduced \
                     and op.chunk != self.tied_chunk:
@@ -151,7 +152,7 @@ class Stage:
                 optimize()
             elif kind == "zero_allgather" and gather is not None and not gathered:
                 gather()
-                gathered.append(True)
+                gathered = True
 
         def after_backward(a: PPAction) -> None:
             if self.dps[a.chunk].zero >= 2:                  # reduce-scatter every micro-batch, free the full grad
@@ -182,7 +183,7 @@ class Stage:
         """The last stage's copy of the tied embedding is not counted in the gradient norm (the first's is)."""
         if self.tied is None or not any(d.last for d in self.decoders):
             return
-        dp = next(d for d in self.dps if self.tied in d.unit_of)
+        dp = self.dps[self.tied_chunk]
         u = dp.unit_of[self.tied]
         lo = u.offsets[dp.index_in_unit[self.tied]]
         hi = lo + self.tied.numel()
