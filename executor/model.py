@@ -148,6 +148,9 @@ class Decoder(nn.Module):
         self.recompute = ctx.recompute
         self.fused_ce: bool | None = None        # None: the fused kernel loss on CUDA without TP (tests force it)
         self.vocab_padded = padded_vocab(m.vocab, tp.size)
+        # Global positions of this rank's local tokens (1-D int64), None = 0..s-1. Context parallelism sets it
+        # (its tokens are a zigzag selection of the sequence): learned position embeddings read these rows.
+        self.position_ids: torch.Tensor | None = None
         layers = range(m.layers) if layers is None else layers
         emb_full = None
         if first or (last and m.tied_embeddings):
@@ -183,9 +186,12 @@ class Decoder(nn.Module):
         if self.tp.active:
             x = leave_tp(x.contiguous(), self.tp, self.sp)
         if self.spec.position == "learned":
-            s = x.shape[0]
+            s = x.shape[0]                                   # local sequence (÷tp with SP)
             lo = self.tp.rank * s if self.sp else 0
-            x = x + self.pos[lo:lo + s, None, :]
+            if self.position_ids is None:
+                x = x + self.pos[lo:lo + s, None, :]
+            else:                                            # SP shards the (CP-local) sequence after the lookup
+                x = x + self.pos[self.position_ids[lo:lo + s], None, :]
         return x
 
     def run_layers(self, x: torch.Tensor) -> torch.Tensor:
