@@ -129,14 +129,16 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     f_h, fm_h = toks * sh.head_f, mem_toks * sh.head_mem
     t_head = 3 * dur(OpKind.FORWARD, flops=f_h, mem_bytes=fm_h) if f_h else 0.0
 
-    # TP: per pass 2n all-reduces, or 2n all-gathers + 2n reduce-scatters with SP (compile_plan)
+    # TP: per pass 2n all-reduces, or 2n all-gathers + 2n reduce-scatters with SP (compile_plan; its few extra
+    # calls around the embedding, the head and the cross-entropy are left out here)
     t_tp_pass = 0.0
     if p.tp > 1:
         kinds = (OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER) if p.sp else (OpKind.TP_ALLREDUCE,)
         for k in kinds:
             t_tp_pass += dur(k, group="tp", group_size=p.tp, count=2 * n, msg_bytes=sh.act_msg,
                                  wire_bytes=_ring(k, p.tp, sh.act_msg) * 2 * n)
-    tp_passes = 3 if t.recompute == "full" else 2
+    # full recompute reruns a layer up to torch checkpoint's early stop: 1 of 2 all-reduces (SP: 3 of 4 calls)
+    tp_passes = 2 + ((0.75 if p.sp else 0.5) if t.recompute == "full" else 0)
 
     # ---- the comm stream: CP exchanges, ZeRO-3 gathers, DP buckets -----------------------------------------
     # compile_plan puts all three on one in-order "comm" stream. Compute waits for the CP blocks (an op may start
@@ -147,17 +149,18 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     x_f = x_b = x_wait = g_unit = g_wait = 0.0
     if p.cp > 1 and n:
         steps = n * (p.cp - 1)
-        one = lambda count: dur(OpKind.CP_KV_EXCHANGE, group="cp", group_size=p.cp, count=count,  # noqa: E731
-                                    msg_bytes=sh.kv_msg, wire_bytes=sh.kv_msg * count)
-        # n·(cp − 1) K/V blocks per forward and recompute, twice that per backward (dK, dV)
+        one = lambda count, msg=sh.kv_msg: dur(OpKind.CP_KV_EXCHANGE, group="cp",  # noqa: E731
+                                               group_size=p.cp, count=count, msg_bytes=msg, wire_bytes=msg * count)
+        # n·(cp − 1) K/V blocks per forward and recompute; the backward sends them again plus as many dK/dV (fp32)
         x_f = one(steps)
-        x_b = one(steps) * (1 if t.recompute != "none" else 0) + one(2 * steps)
+        x_b = one(steps) * (1 if t.recompute != "none" else 0) + one(steps) + one(steps, sh.dkv_msg)
         x_wait = one(steps) / steps
     zero3_once = 0.0
-    if p.zero == 3 and p.dp > 1:
+    dpcp = p.dp * p.cp                      # the gradient reduction / ZeRO group (compile_plan)
+    if p.zero == 3 and dpcp > 1:
         per = chunk_params * pb / max(n, 1)
-        t_g = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=p.dp, count=max(n, 1), msg_bytes=per,
-                      wire_bytes=_ring(OpKind.ZERO_ALLGATHER, p.dp, per) * max(n, 1))
+        t_g = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=max(n, 1), msg_bytes=per,
+                      wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, per) * max(n, 1))
         if pp == 1:       # re-gathered before every forward and every backward (FSDP reshard_after_forward)
             g_unit, g_wait = 2 * t_g, t_g / max(n, 1)
         else:             # gathered once per chunk at its first forward; the first one cannot be prefetched
@@ -171,13 +174,13 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
 
     def issue(params: float) -> tuple[float, float]:
         """(comm time, part of it left after the producing backward and its TP collectives)."""
-        if p.dp <= 1:
+        if dpcp <= 1:
             return 0.0, 0.0
         total = params * gb
         n_buckets = max(1, math.ceil(total / bucket))
         n_ops = min(n_buckets, MAX_BUCKET_OPS)
-        t_all = dur(kind, group="dp", group_size=p.dp, count=n_buckets, msg_bytes=total / n_buckets,
-                        wire_bytes=_ring(kind, p.dp, total / n_buckets) * n_buckets)
+        t_all = dur(kind, group="dp", group_size=dpcp, count=n_buckets, msg_bytes=total / n_buckets,
+                        wire_bytes=_ring(kind, dpcp, total / n_buckets) * n_buckets)
         end = 0.0
         for k in range(n_ops):
             end = max(end, (k + 1) / n_ops * t_b) + t_all / n_ops
@@ -283,13 +286,14 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     # the busiest stage's parameters: v chunks plus the embedding (stage 0) or the head (last stage)
     stage_params = v * u.chunk_params + (u.emb_params + u.head_params if pp == 1 else
                                          max(u.emb_params, u.head_params))
-    shard = p.dp if p.zero >= 1 else 1
+    dpcp = p.dp * p.cp
+    shard = dpcp if p.zero >= 1 else 1
     t_opt = dur(OpKind.OPTIMIZER, mem_bytes=stage_params / shard * (OPT_STATE_BYTES[t.optimizer] + gb))
     zero12 = 0.0
-    if p.zero in (1, 2) and p.dp > 1:
+    if p.zero in (1, 2) and dpcp > 1:
         msg = stage_params * pb / v
-        zero12 = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=p.dp, count=v, msg_bytes=msg,
-                         wire_bytes=_ring(OpKind.ZERO_ALLGATHER, p.dp, msg) * v)
+        zero12 = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=v, msg_bytes=msg,
+                         wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, msg) * v)
 
     step = t_pipe + dp_exposed + t_opt + zero12
     stall = m * v * (unit - c_unit)                    # the comm stream holding compute back

@@ -7,23 +7,30 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
   selective the attention core (Korthikanti et al. 2022 §4.2) - the same accounting as train_flops_per_token.
 - TP (Megatron-LM, Shoeybi et al. 2019 §3): per layer 2 all-reduces of b·(s/c)·h in the forward (after attention
   and MLP) and 2 in the backward; with sequence parallel each becomes an all-gather + reduce-scatter pair
-  (Korthikanti et al. 2022 §4.2.2), i.e. 2 AG + 2 RS per layer per pass. Full recompute repeats the forward's.
+  (Korthikanti et al. 2022 §4.2.2), i.e. 2 AG + 2 RS per layer per pass. Plus what the executor issues around
+  the layers: the vocab-parallel embedding's reduction (forward; SP: reduce-scatter forward, all-gather backward),
+  the LM head input's entry (backward all-reduce; SP: all-gather forward, reduce-scatter backward) and the
+  vocab-parallel cross-entropy's 3 all-reduces of one fp32 per token. Full recompute repeats the forward's up to
+  torch checkpoint's early stop: 1 all-reduce per layer (SP: 2 AG + 1 RS).
 - CP ring attention (Liu et al. 2023, Ring Attention; Megatron-LM/TransformerEngine p2p CP): c-1 steps per layer,
-  each sending this rank's K and V block, b·(s/c)·2·kv_dim/t elements; the backward also sends dK, dV (2×).
-  Any recompute reruns attention, hence its exchange.
+  each sending this rank's K and V block, b·(s/c)·2·kv_dim/t elements; the backward sends the K/V blocks again
+  and c-1 dK/dV blocks, in fp32 (the accumulator's precision). Any recompute reruns attention, hence its exchange.
 - PP: one activation (or its gradient) of b·(s/c)·h elements per send, /t with sequence parallel
   (Megatron scatters the pipeline message over the TP group when SP is on).
-- DP: gradient buckets of bucket_MB in reverse layer order (PyTorch DDP, Li et al. 2020 §3.2.3), per chunk (as
-  Megatron keeps one buffer per model chunk); all-reduce with ZeRO-0; reduce-scatter with ZeRO >= 1 (Megatron's
-  distributed optimizer reduce-scatters for ZeRO-1 too, then all-gathers updated params after the step).
-  ZeRO-0/1 reduce once per step, after the last micro-batch (DDP no_sync / Megatron's accumulation buffer);
-  ZeRO-2/3 hold only a gradient shard, so they reduce-scatter after every micro-batch (FSDP's default under
-  gradient accumulation; DeepSpeed ZeRO-2 likewise) - except with PP, where they reduce once per step.
-- ZeRO-3 (Rajbhandari et al. 2020 §5; FSDP): every chunk's parameters are all-gathered (one call per layer)
-  before its forward and again before its backward, prefetched one op ahead; with PP once per step per chunk
-  (torchtitan keeps PP chunks unsharded between micro-batches).
-Left out (small next to the above): the vocab-parallel cross-entropy's all-reduces of 3 scalars per token, and
-with SP the all-gather before the LM head (one b·s·h tensor against 4 per layer).
+- DP over the dp×cp group (parameters are replicated over cp too): gradient buckets of bucket_MB in reverse layer
+  order (PyTorch DDP, Li et al. 2020 §3.2.3), per chunk (as Megatron keeps one buffer per model chunk); all-reduce
+  with ZeRO-0; reduce-scatter with ZeRO >= 1 (Megatron's distributed optimizer reduce-scatters for ZeRO-1 too,
+  then all-gathers updated params after the step). ZeRO-0/1 reduce once per step, after the last micro-batch
+  (DDP no_sync / Megatron's accumulation buffer); ZeRO-2/3 hold only a gradient shard, so they reduce-scatter
+  after every micro-batch (DeepSpeed ZeRO-2; FSDP under gradient accumulation) - except with PP, where they
+  reduce once per step (torchtitan syncs on the last backward under PP).
+- ZeRO-3 (Rajbhandari et al. 2020 §5; FSDP): every chunk's layers are all-gathered (one call per layer) before
+  its forward and again before its backward, prefetched one op ahead; the root unit (embedding, final norm, head)
+  once per micro-batch, before the forward (kept until that micro-batch's gradients are reduced). With PP each
+  chunk, root included, once per step before its first forward (torchtitan keeps PP chunks unsharded).
+Not listed (bookkeeping, tests/test_plan_executor_agreement.py names them): the global-norm scalars, the logged
+loss, the SP-replicated parameters' gradient all-reduce over tp and, with tied embeddings under PP, the tied
+gradient's sum over the first and last stage.
 Ring collective volumes per rank (Patarasuk & Yuan 2009; NCCL docs "Collective operations"/nccl-tests
 PERFORMANCE.md): all-reduce 2(n-1)/n·B, all-gather and reduce-scatter (n-1)/n·B, with B the full tensor.
 """
@@ -42,6 +49,7 @@ GRAD_BYTES = {"fp32": 4, "bf16": 2}
 # HBM traffic of one optimizer step per parameter (fused kernels; apex/torch fused AdamW): read grad, read+write
 # fp32 master weight (8), read+write m and v (16), write the low-precision copy (2): 26 + grad bytes.
 OPT_STATE_BYTES = {"adamw": 26, "adam": 26, "sgd": 10}
+FP32_BYTES = 4
 MAX_BUCKET_OPS = 8          # DP buckets per chunk are grouped into at most this many ops (each carries `count`)
 
 
@@ -99,6 +107,13 @@ class _Shapes:
         self.head_mem = m.vocab / p.tp * (self.ab + 12)
         self.act_msg = self.tokens / p.cp * h * self.ab           # one full activation of this CP rank
         self.kv_msg = self.tokens / p.cp * 2 * m.kv_dim / p.tp * self.ab
+        # Ring attention's backward passes the dK/dV accumulator on in fp32 (the precision of the cp-1 partial
+        # sums; executor/cp_ring.py, as TransformerEngine's fp32 dkv accumulation): 4 bytes per element.
+        self.dkv_msg = self.tokens / p.cp * 2 * m.kv_dim / p.tp * FP32_BYTES
+        # Vocab-parallel cross-entropy (Megatron-LM tensor_parallel/cross_entropy.py): 3 all-reduces of one fp32
+        # per token (max logit, target logit, sum of exponentials).
+        self.ce_msg = self.tokens / p.cp * FP32_BYTES
+        self.dpcp = p.dp * p.cp                                   # gradient reduction group: dp and cp
 
     def chunk_params(self, layers: range, first: bool, last: bool) -> float:
         """Parameters one rank holds for a chunk (TP shards matmuls and the vocab; norms are replicated)."""
@@ -132,6 +147,9 @@ class _Builder:
         self.edges: dict[tuple[int, int], tuple[float, float]] = {}
         self.programs: dict[str, list[int]] = {}
         self.degree = {d: spec.plan.degree(d) for d in ("tp", "cp", "pp", "dp")}
+        # DP/ZeRO collectives run over dp×cp: parameters are replicated over cp too (Megatron-LM's data-parallel
+        # group with context parallelism; torchtitan's dp_shard×cp FSDP mesh). Their ops keep group "dp".
+        self.degree["dp"] = spec.plan.dp * spec.plan.cp
 
     def add(self, stage: int, kind: OpKind, stream: str, **kw) -> int:
         rc = class_name(stage)
@@ -212,44 +230,82 @@ def compile_plan(spec) -> Plan:
             pending_recv = None
             if a.kind == "B":
                 before.append(tails[("F", s, c, mb)])
-            zero3 = None
-            # ZeRO-3 without PP re-gathers a chunk before every forward and backward (FSDP reshard_after_forward);
-            # with PP the gathered chunk stays for the whole step (torchtitan turns resharding off under PP, else
-            # every micro-batch would gather again), so only the first forward of each chunk gathers.
-            if par.zero == 3 and par.dp > 1 and (pp == 1 or idx == first_f[c]):
-                msg = sh.chunk_params(layers, first, last) * sh.pb / max(n, 1)
-                zero3 = b.collective(s, OpKind.ZERO_ALLGATHER, max(n, 1), msg, **common)
-                if main_compute.get(s):
-                    b.edge(main_compute[s][-1], zero3, frac=0.0)          # prefetch: one op ahead, no further
+            dpcp = sh.dpcp
+            # ZeRO-3 without PP (executor/dp.py; FSDP reshard_after_forward): a chunk's layers are gathered one
+            # call per layer before every forward and again before every backward; the root unit (embedding, final
+            # norm, LM head: the first/last virtual stage's parameters outside the layers) once per micro-batch,
+            # before its forward, kept until that micro-batch's backward has reduced it. With PP the gathered
+            # chunk stays for the whole step (torchtitan turns resharding off under PP, else every micro-batch
+            # would gather again), so only the first forward of each chunk gathers, root and layers.
+            zero3 = root = None
+            if par.zero == 3 and dpcp > 1 and (pp == 1 or (a.kind == "F" and idx == first_f[c])):
+                if a.kind == "F" and (first or last):
+                    root = b.collective(s, OpKind.ZERO_ALLGATHER, 1,
+                                        sh.chunk_params(range(0), first, last) * sh.pb, **common)
+                if n:
+                    zero3 = b.collective(s, OpKind.ZERO_ALLGATHER, n,
+                                         sh.chunk_params(layers, False, False) * sh.pb / n, **common)
+                for g in (root, zero3):
+                    if g is not None and main_compute.get(s):
+                        b.edge(main_compute[s][-1], g, frac=0.0)          # prefetch: one op ahead, no further
             f_flops = toks * (n * (sh.layer_f + sh.attn_f) + (sh.head_f if last else 0.0))
             f_attn = toks * n * sh.attn_f
             f_mem = sh.tokens / sh.cp * (n * sh.layer_mem + (sh.head_mem if last else 0.0))
-            tp_kinds = [OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER] if par.sp else [OpKind.TP_ALLREDUCE]
             cp_steps = n * (par.cp - 1)
             group_ops: list[int] = []
 
-            def compute(kind: OpKind, flops: float, attn: float, mem: float, cp_count: int) -> int:
-                cp_op = b.collective(s, OpKind.CP_KV_EXCHANGE, cp_count, sh.kv_msg, **common)
+            def tp_ops(kind: OpKind) -> list[tuple[OpKind, int, float]]:
+                """The TP/SP collectives a compute op issues (executor/tp.py's conjugate operators, per layer two
+                TP regions, each entered and left; Shoeybi et al. 2019 §3, Korthikanti et al. 2022 §4.2.2):
+                - forward: per layer 2 leaves (all-reduce; SP reduce-scatter) and, with SP, 2 entries (all-gather);
+                  the vocab-parallel embedding leaves TP once (first virtual stage) and, with SP, the LM head's
+                  input enters once (all-gather, last); the cross-entropy's 3 all-reduces of one fp32 per token;
+                - backward: the conjugates: per layer 2 entries (all-reduce; SP reduce-scatter) and, with SP, 2
+                  leaves (all-gather); the LM head input's entry (last) and, with SP, the embedding's leave (first);
+                - full recompute: torch.utils.checkpoint (non-reentrant) stops the rerun once the last saved
+                  tensor is rebuilt (`_checkpoint_early_stop`), so the MLP's leave, the layer's last collective,
+                  is not repeated: 1 all-reduce per layer; SP: 2 all-gathers and 1 reduce-scatter."""
+                act, fst, lst = sh.act_msg, int(first), int(last)
+                if kind == OpKind.FORWARD:
+                    ops = [(OpKind.SP_ALLGATHER, 2 * n + lst, act), (OpKind.SP_REDUCESCATTER, 2 * n + fst, act)] \
+                        if par.sp else [(OpKind.TP_ALLREDUCE, 2 * n + fst, act)]
+                    return ops + ([(OpKind.TP_ALLREDUCE, 3, sh.ce_msg)] if last else [])
+                if kind == OpKind.BACKWARD:
+                    return [(OpKind.SP_ALLGATHER, 2 * n + fst, act), (OpKind.SP_REDUCESCATTER, 2 * n + lst, act)] \
+                        if par.sp else [(OpKind.TP_ALLREDUCE, 2 * n + lst, act)]
+                if recompute != "full":
+                    return []
+                return [(OpKind.SP_ALLGATHER, 2 * n, act), (OpKind.SP_REDUCESCATTER, n, act)] if par.sp \
+                    else [(OpKind.TP_ALLREDUCE, n, act)]
+
+            def compute(kind: OpKind, flops: float, attn: float, mem: float,
+                        cp_msgs: list[tuple[int, float]]) -> int:
+                cp_ops = [c for c in (b.collective(s, OpKind.CP_KV_EXCHANGE, k, msg, **common) for k, msg in cp_msgs)
+                          if c is not None]
                 op = b.add(s, kind, "compute", flops=flops, attn_flops=attn, mem_bytes=mem, **common)
                 for u in before + ([group_ops[-1]] if group_ops else []):
                     b.edge(u, op)
-                if cp_op is not None:
+                for cp_op, (k, _) in zip(cp_ops, cp_msgs):
                     for u in before:
                         b.edge(u, cp_op)
-                    b.edge(cp_op, op, frac=1.0 / cp_count, tail=1.0 / cp_count)   # KV blocks overlap attention
+                    b.edge(cp_op, op, frac=1.0 / k, tail=1.0 / k)   # KV blocks overlap attention
+                if root is not None and not group_ops:
+                    b.edge(root, op)
                 if zero3 is not None and not group_ops:
-                    b.edge(zero3, op, frac=1.0 / max(n, 1), tail=1.0 / max(n, 1))  # layer-by-layer prefetch
+                    b.edge(zero3, op, frac=1.0 / n, tail=1.0 / n)  # layer-by-layer prefetch
                 group_ops.append(op)
-                if kind != OpKind.RECOMPUTE or recompute == "full":
-                    for k in tp_kinds:
-                        t = b.collective(s, k, 2 * n, sh.act_msg, **common)
-                        if t is not None:
-                            b.edge(group_ops[-1], t)
-                            group_ops.append(t)
+                for k, count, msg in tp_ops(kind):
+                    t = b.collective(s, k, count, msg, **common)
+                    if t is not None:
+                        b.edge(group_ops[-1], t)
+                        group_ops.append(t)
                 return op
 
+            # Ring attention (executor/cp_ring.py): per layer cp-1 K/V blocks in the forward (and any recompute,
+            # which reruns attention); the backward sends the K/V blocks again and cp-1 dK/dV accumulators (fp32).
+            kv = [(cp_steps, sh.kv_msg)]
             if a.kind == "F":
-                main = compute(OpKind.FORWARD, f_flops, f_attn, f_mem, cp_steps)
+                main = compute(OpKind.FORWARD, f_flops, f_attn, f_mem, kv)
                 tails[("F", s, c, mb)] = group_ops[-1]
             else:
                 if recompute != "none" and n > 0:
@@ -257,14 +313,18 @@ def compile_plan(spec) -> Plan:
                         r = (toks * n * (sh.layer_f + sh.attn_f), f_attn, sh.tokens / sh.cp * n * sh.layer_mem)
                     else:
                         r = (toks * n * sh.attn_f, f_attn, 0.0)
-                    compute(OpKind.RECOMPUTE, *r, cp_steps)
-                main = compute(OpKind.BACKWARD, 2 * f_flops, 2 * f_attn, 2 * f_mem, 2 * cp_steps)
+                    compute(OpKind.RECOMPUTE, *r, kv)
+                main = compute(OpKind.BACKWARD, 2 * f_flops, 2 * f_attn, 2 * f_mem, kv + [(cp_steps, sh.dkv_msg)])
                 tails[("B", s, c, mb)] = group_ops[-1]
-                # ZeRO-0/1 accumulate full gradients and reduce once per step; ZeRO-2/3 keep only a shard, so
-                # they reduce-scatter after every micro-batch's backward (FSDP without no_sync; DeepSpeed ZeRO-2),
-                # except under PP, where the unsharded chunk and its gradients stay for the step (see above).
+                # ZeRO-0/1 accumulate full gradients and reduce once per step, from the chunk's last backward (DDP
+                # no_sync; Megatron's accumulation buffer). ZeRO-2/3 keep only a gradient shard, so they
+                # reduce-scatter after every micro-batch's backward (DeepSpeed ZeRO-2, FSDP without no_sync) -
+                # except under PP, where they reduce once per step, on the chunk's last backward: torchtitan's
+                # pipeline schedules sync FSDP gradients only on the last backward (torch.distributed.pipelining
+                # stage.backward_maybe_with_nosync) and keep the stage unsharded, whose memory simulator/memory.py
+                # models and checks against published torchtitan runs (DeepSpeed refuses ZeRO-2/3 with PP).
                 per_mb = par.zero >= 2 and pp == 1
-                if par.dp > 1 and (idx == last_b[c] or per_mb):
+                if dpcp > 1 and (idx == last_b[c] or per_mb):
                     dp_ops.setdefault(s, []).extend(_buckets(b, s, c, layers, first, last, main,
                                                              mb if per_mb else -1))
             main_compute.setdefault(s, []).append(main)
@@ -303,14 +363,14 @@ def _optimizer(b: _Builder, pp: int, dp_ops: dict[int, list[int]], stage_chunks,
     opt_ids = []
     for s in range(pp):
         params = sum(sh.chunk_params(r, c * pp + s == 0, c * pp + s == last_v) for c, r in enumerate(stage_chunks[s]))
-        shard = par.dp if par.zero >= 1 else 1
+        shard = sh.dpcp if par.zero >= 1 else 1
         mem = params / shard * (OPT_STATE_BYTES[train.optimizer] + sh.gb)
         op = b.add(s, OpKind.OPTIMIZER, "compute", mem_bytes=mem)
         prog = b.programs[class_name(s)]
         last_compute = [i for i in prog[:-1] if b.ops[i].stream == "compute"][-1]
         b.edge(last_compute, op)                                  # after this stage's last compute op
         opt_ids.append(op)
-        if par.zero in (1, 2) and par.dp > 1:                     # distributed optimizer: gather updated params
+        if par.zero in (1, 2) and sh.dpcp > 1:                    # distributed optimizer: gather updated params
             msg = params * sh.pb / len(stage_chunks[s])
             g = b.collective(s, OpKind.ZERO_ALLGATHER, len(stage_chunks[s]), msg)
             b.edge(op, g)

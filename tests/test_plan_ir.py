@@ -82,18 +82,27 @@ def test_zero_volumes_are_closed_form(zero):
     ag = sum(o.wire_bytes for o in plan.ops() if o.kind == OpKind.ZERO_ALLGATHER)
     # fp32 grads reduce-scattered once per step (ZeRO-1) or after each of the 2 micro-batches (ZeRO-2/3).
     assert rs == pytest.approx((1 if zero == 1 else 2) * (n - 1) / n * 4 * N)
-    # ZeRO-1/2: bf16 params gathered once after the step; ZeRO-3: before every forward and backward of every
-    # micro-batch (2 micro-batches × 2 passes), FSDP without reshard-after-forward disabled.
-    passes = 1 if zero < 3 else 2 * 2
-    assert ag == pytest.approx(passes * (n - 1) / n * 2 * N)
+    # ZeRO-1/2: bf16 params gathered once after the step; ZeRO-3: every layer before every forward and backward
+    # of every micro-batch (2 micro-batches × 2 passes), the root unit (embedding, final norm, head) once per
+    # micro-batch (executor/dp.py keeps it from the forward to the backward).
+    m = spec.model
+    root = m.embedding_params() + m.head_params() + m.norm_params()
+    gathered = N if zero < 3 else 2 * (2 * (N - root) + root)
+    assert ag == pytest.approx((n - 1) / n * 2 * gathered)
 
 
 def test_zero3_with_pp_gathers_once_per_chunk_and_reduces_once():
+    """Under PP (torchtitan's FSDP+PP): each chunk, root included, is gathered once per step before its first
+    forward, and its gradients reduce-scattered once, after its last backward."""
     spec = make(dp=2, pp=2, global_batch=8, zero=3)     # 4 micro-batches per replica
     plan = compile_plan(spec)
+    m = spec.model
     for s in range(2):
         ops = plan.program(s)
-        assert sum(o.kind == OpKind.ZERO_ALLGATHER for o in ops) == 1
+        gathers = [o for o in ops if o.kind == OpKind.ZERO_ALLGATHER]
+        assert {o.microbatch for o in gathers} == {0} and sum(o.count for o in gathers) == 4 + 1   # layers, root
+        root = (m.embedding_params() if s == 0 else m.head_params() + m.norm_params()) * 2
+        assert min(o.msg_bytes for o in gathers) == root
         rs = [o for o in ops if o.kind == OpKind.DP_REDUCESCATTER]
         assert {o.microbatch for o in rs} == {-1} and sum(o.wire_bytes for o in rs) > 0
         last_b = max(i for i, o in enumerate(ops) if o.kind == OpKind.BACKWARD)
@@ -106,11 +115,13 @@ def test_tp_volume_is_closed_form(sp):
     plan = compile_plan(spec)
     t, L, m = 4, SMALL["layers"], 2
     act = SMALL["seq_len"] * SMALL["hidden"] * 2          # b·s·h bf16 bytes
-    kinds = (OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER) if sp else (OpKind.TP_ALLREDUCE,)
+    kinds = (OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER, OpKind.TP_ALLREDUCE)
+    ce = 3 * SMALL["seq_len"] * 4                        # cross-entropy: 3 all-reduces of one fp32 per token
     wire = sum(o.wire_bytes for o in plan.ops() if o.kind in kinds)
     # Megatron: 4 all-reduces per layer per micro-batch (2 fwd, 2 bwd) = 4·2(t-1)/t·act; with SP 4 AG + 4 RS of
-    # (t-1)/t·act each: the same volume (Korthikanti et al. 2022 §4.2.2).
-    assert wire == pytest.approx(m * L * 4 * 2 * (t - 1) / t * act)
+    # (t-1)/t·act each: the same volume (Korthikanti et al. 2022 §4.2.2). Around the layers: the embedding's
+    # reduction and the head input's backward one (SP: an AG + RS pair each), and the cross-entropy's.
+    assert wire == pytest.approx(m * ((L * 4 + 2) * 2 * (t - 1) / t * act + 2 * (t - 1) / t * ce))
 
 
 def test_split_layers_llama3_405b():

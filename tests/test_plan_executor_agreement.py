@@ -1,0 +1,171 @@
+"""One IR, two interpreters: what the plan lists (spec/compile.py) is what the executor sends, op for op.
+
+For each layout, every rank runs one training step through `Trainer` (gloo, fp32, a tiny model whose parameter and
+vocabulary sizes divide every group: no padding) and returns its comm log (executor/comm.py, pp_p2p.py) and the
+order in which it ran its compute. Against `plan.program(stage)` of the rank's stage:
+
+- exact kinds (TP all-reduces incl. the embedding's, the LM head input's and the cross-entropy's; SP all-gathers and
+  reduce-scatters; CP K/V and dK/dV sends; pipeline sends and receives; ZeRO-3 parameter gathers): the multiset of
+  (plan kind, group, bytes of one call) -> calls equals the plan's Σ count per (kind, group, msg_bytes);
+- gradient reductions (DP all-reduce / reduce-scatter) and the ZeRO-1/2 post-step gather: bytes per step equal the
+  plan's Σ count·msg_bytes (the executor's buckets end at parameter boundaries, the plan's split evenly: the calls
+  differ, the bytes do not);
+- every executor collective maps to a plan kind, except the bookkeeping ones the plan does not list
+  (spec/compile.py docstring): the loss report, the global-norm scalars, the SP-replicated gradients' all-reduce;
+- the compute order: pipeline layouts compare the runner's executed actions with the plan's F/B/SEND/RECV ops;
+  without PP, the ops the step reported through `Trainer.step(on_op=...)` are the program, in order.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+
+MODEL = {"layers": 4, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn_hidden": 64, "vocab": 258, "seq_len": 16,
+         "rope_theta": 10000.0}
+
+
+def _spec(par: dict, micro_batch: int = 4) -> dict:
+    par = {"bucket_MB": 0.01, **par}
+    size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
+    return {"model": copy.deepcopy(MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
+            "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": "fp32", "lr": 1e-3,
+                         "warmup_steps": 1, "recompute": "none", "grad_clip": 1.0},
+            "parallel": par}
+
+
+LAYOUTS2 = {
+    "dp2": _spec({"dp": 2}),
+    "dp2_accum2": _spec({"dp": 2}, micro_batch=2),
+    "dp2_zero1": _spec({"dp": 2, "zero": 1}),
+    "dp2_zero2": _spec({"dp": 2, "zero": 2}, micro_batch=2),
+    "dp2_zero3": _spec({"dp": 2, "zero": 3}, micro_batch=2),
+    "tp2": _spec({"tp": 2}, micro_batch=4),
+    "tp2_sp": _spec({"tp": 2, "sp": True}, micro_batch=4),
+    "pp2_1f1b": _spec({"pp": 2, "schedule": "1f1b"}, micro_batch=2),
+    "pp2_interleaved": _spec({"pp": 2, "schedule": "interleaved", "vpp": 2}, micro_batch=2),
+    "cp2": _spec({"cp": 2}, micro_batch=4),
+}
+LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2)}
+
+EXACT = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
+         "pp_recv_act", "pp_recv_grad")
+BY_BYTES = ("dp_allreduce", "dp_reducescatter")
+
+
+def _job(layouts: dict) -> dict:
+    import torch
+
+    from loom.executor import comm
+    from loom.executor.mesh import build_mesh
+    from loom.executor.train import Trainer
+    from loom.spec import spec_from_dict
+
+    out = {}
+    for name, d in layouts.items():
+        spec = spec_from_dict(d)
+        tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=2)
+        ran: list[int] = []
+        comm.LOG.clear()
+        tr.step(on_op=lambda op, a, b: ran.append(op.id))
+        out[name] = {"stage": tr.mesh["pp"].rank, "trace": list(tr.last_trace), "ran": ran,
+                     "comm": [(r.kind, r.group, r.bytes, r.tag) for r in comm.LOG.records]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    from tests.test_executor_pp_harness import RankPool
+    res: dict = {}
+    for world, layouts in ((2, LAYOUTS2), (4, LAYOUTS4)):
+        pool = RankPool(world)
+        try:
+            ranks = pool.run(_job, layouts)
+        finally:
+            pool.close()
+        for name in layouts:
+            res[name] = [r[name] for r in ranks]
+    return res
+
+
+IGNORED = "bookkeeping"
+
+
+def classify(kind: str, group: str, nbytes: int, tag: str) -> str | None:
+    """The plan kind of one executor record; None for the CP ring's receives (the plan's cp_kv_exchange counts
+    the sends), IGNORED for the collectives the plan does not list."""
+    if tag == "loss_report" or ">sp_grad_allreduce" in tag or (tag.startswith("optimizer") and kind == "all_reduce"):
+        return IGNORED
+    for k in ("dp_allreduce", "dp_reducescatter", "zero_allgather"):
+        if f">{k}" in tag:
+            return k
+    if group == "cp":
+        return "cp_kv_exchange" if kind == "send" else None
+    if group == "pp":
+        return {"send": "pp_send_", "recv": "pp_recv_"}[kind] + ("act" if "_ACT" in tag else "grad")
+    if group == "tp":
+        return {"all_reduce": "tp_allreduce", "all_gather": "sp_allgather", "reduce_scatter": "sp_reducescatter"}[kind]
+    raise AssertionError(f"unclassified executor collective {kind} on {group} tagged {tag!r}")
+
+
+def _plan(name: str):
+    from loom.spec import spec_from_dict
+    from loom.spec.compile import compile_plan
+    d = (LAYOUTS2 | LAYOUTS4)[name]
+    spec = spec_from_dict(d)
+    return spec, compile_plan(spec)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS2) + list(LAYOUTS4))
+def test_executor_sends_what_the_plan_lists(measured, name):
+    spec, plan = _plan(name)
+    dp_group = "dp+cp" if spec.plan.cp > 1 else "dp"
+    zero_exact = spec.plan.zero == 3                   # ZeRO-3 gathers one call per layer / root, as the plan
+    for rank, r in enumerate(measured[name]):
+        want_calls: Counter = Counter()
+        want_bytes: Counter = Counter()
+        for op in plan.program(r["stage"]):
+            if op.group is None:
+                continue
+            group = dp_group if op.group == "dp" else op.group
+            k = op.kind.value
+            if k in EXACT or (k == "zero_allgather" and zero_exact):
+                want_calls[(k, group, round(op.msg_bytes))] += op.count
+            else:
+                want_bytes[(k, group)] += op.msg_bytes * op.count       # buckets split evenly: fractions
+        got_calls: Counter = Counter()
+        got_bytes: Counter = Counter()
+        for kind, group, nbytes, tag in r["comm"]:
+            k = classify(kind, group, nbytes, tag)
+            if k is None or k == IGNORED:
+                continue
+            if k in EXACT or (k == "zero_allgather" and zero_exact):
+                got_calls[(k, group, nbytes)] += 1
+            else:
+                got_bytes[(k, group)] += nbytes
+        assert got_calls == want_calls, f"rank {rank} (stage {r['stage']}): executor {dict(got_calls)} vs plan " \
+                                        f"{dict(want_calls)}"
+        want_bytes = Counter({k: round(v) for k, v in want_bytes.items()})
+        assert got_bytes == want_bytes, f"rank {rank}: executor {dict(got_bytes)} vs plan {dict(want_bytes)}"
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS2) + list(LAYOUTS4))
+def test_executor_runs_the_plan_program_in_order(measured, name):
+    from loom.executor.pipeline import to_action
+    spec, plan = _plan(name)
+    for r in measured[name]:
+        program = plan.program(r["stage"])
+        assert r["ran"] == [op.id for op in program]     # on_op saw every op once, in program order
+        if r["trace"] or spec.plan.pp > 1 or spec.plan.cp > 1:
+            assert r["trace"] == [str(a) for a in map(to_action, program) if a is not None]
+
+
+def test_the_comparison_can_fail(measured):
+    """A plan that forgot one cross-entropy all-reduce would not pass: the tp2 log holds exactly 3 calls of
+    one fp32 per token of each micro-batch (the vocab-parallel loss), which the plan must list."""
+    spec, _ = _plan("tp2")
+    ce = spec.training.micro_batch * spec.model.seq_len * 4
+    log = measured["tp2"][0]["comm"]
+    calls = [x for x in log if x[0] == "all_reduce" and x[1] == "tp" and x[2] == ce]
+    assert len(calls) == 3 * spec.micro_batches
