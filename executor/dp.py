@@ -16,7 +16,9 @@ parameter sizes that do not divide dp are handled. Rank r of the DP group owns s
   just before its forward and freed after it, gathered again when its output's gradient arrives, and freed again
   with its gradients reduce-scattered every micro-batch (P_os+g+p; FSDP's storage-resize scheme).
 Gradient accumulation: zero 0-1 communicate only after the last micro-batch (DDP's no_sync()); zero 2-3 after
-each, accumulating into the reduced shard.
+each, accumulating into the reduced shard - unless `every_micro_batch=False` (the plan's rule under pipeline
+parallelism, torchtitan's FSDP under PP): then zero 2-3 also accumulate full gradients and reduce once, after the
+last micro-batch, and zero 3 keeps each unit gathered from its first forward until that reduction.
 The loss is normalised by the tokens of the whole global batch, so the DP reduction is a plain sum.
 """
 from __future__ import annotations
@@ -63,8 +65,12 @@ def _alloc(t: torch.Tensor) -> None:
 
 class DataParallel:
     def __init__(self, model: nn.Module, dp: Group, tp: Group, zero: int, bucket_MB: float,
-                 grad_dtype: torch.dtype = torch.float32, layer_units: list[nn.Module] | None = None):
+                 grad_dtype: torch.dtype = torch.float32, layer_units: list[nn.Module] | None = None,
+                 every_micro_batch: bool = True):
         self.model, self.dp, self.tp, self.zero = model, dp, tp, zero
+        # zero >= 2: reduce-scatter after every micro-batch (and ZeRO-3: re-gather around every forward/backward);
+        # False: once per step, keeping full gradients (and ZeRO-3 parameters) for the step (spec/compile.py, PP).
+        self.per_micro_batch = zero >= 2 and every_micro_batch
         self.grad_dtype = grad_dtype
         self.sync_now = True
         params = list(dict.fromkeys(model.parameters()))
@@ -141,7 +147,7 @@ class DataParallel:
             u.gathered = False
 
     def _after_forward(self, u: Unit, out: torch.Tensor) -> None:
-        if u.in_backward:                                   # a recompute inside the backward: keep them
+        if u.in_backward or not self.per_micro_batch:      # a recompute inside the backward, or kept for the step
             return
         self._release(u)
         if out.requires_grad:
@@ -161,12 +167,13 @@ class DataParallel:
         """Call before each micro-batch's backward: communicate only on the last (zero 0, 1: DDP's no_sync), or
         after every micro-batch (zero 2, 3: gradients accumulate in the reduced shard, as DeepSpeed does; the
         full buffer lives only during one backward)."""
-        self.sync_now = self.zero >= 2 or micro == n_micro - 1
+        self.sync_now = self.per_micro_batch or micro == n_micro - 1
         for u in self.units:
             u.ready, u.launched = 0, False
-            if self.zero >= 2:
+            if self.zero >= 2 and (micro == 0 or self.per_micro_batch):
                 _alloc(u.grad)
-            if micro == 0 or self.zero >= 2:
+                u.grad.zero_()
+            elif micro == 0 or self.per_micro_batch:
                 u.grad.zero_()
 
     def zero_grad(self) -> None:

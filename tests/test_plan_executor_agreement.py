@@ -26,12 +26,12 @@ MODEL = {"layers": 4, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn_hidden": 64,
          "rope_theta": 10000.0}
 
 
-def _spec(par: dict, micro_batch: int = 4) -> dict:
+def _spec(par: dict, micro_batch: int = 4, recompute: str = "none") -> dict:
     par = {"bucket_MB": 0.01, **par}
     size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
     return {"model": copy.deepcopy(MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
             "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": "fp32", "lr": 1e-3,
-                         "warmup_steps": 1, "recompute": "none", "grad_clip": 1.0},
+                         "warmup_steps": 1, "recompute": recompute, "grad_clip": 1.0},
             "parallel": par}
 
 
@@ -43,6 +43,8 @@ LAYOUTS2 = {
     "dp2_zero3": _spec({"dp": 2, "zero": 3}, micro_batch=2),
     "tp2": _spec({"tp": 2}, micro_batch=4),
     "tp2_sp": _spec({"tp": 2, "sp": True}, micro_batch=4),
+    "tp2_full": _spec({"tp": 2}, micro_batch=4, recompute="full"),
+    "tp2_sp_full": _spec({"tp": 2, "sp": True}, micro_batch=4, recompute="full"),
     "pp2_1f1b": _spec({"pp": 2, "schedule": "1f1b"}, micro_batch=2),
     "pp2_interleaved": _spec({"pp": 2, "schedule": "interleaved", "vpp": 2}, micro_batch=2),
     "cp2": _spec({"cp": 2}, micro_batch=4),
