@@ -4,7 +4,7 @@ What changes on a cp rank (everything else of the model is per token and runs un
 - data: ids and targets keep this rank's tokens in the layout's order (`shard_batch`; zigzag by default, see
   cp_layout.py);
 - positions: RoPE rotates each token by its global position, so the cos/sin tables are gathered at this rank's
-  positions (`apply_context_parallel`);
+  positions; learned position embeddings read the rows of `Decoder.position_ids` (`apply_context_parallel`);
 - attention: every layer's attention core becomes `ring_attention` over the cp group (cp_ring.py);
 - loss: each rank sums the losses of its tokens and scales by 1 / (tokens in the global batch), like every other
   split, so gradients are summed (not averaged) over cp, together with dp (Megatron reduces over its dp×cp group).
@@ -43,13 +43,13 @@ def apply_context_parallel(decoder: nn.Module, cp: Group, layout: Layout = "zigz
     decoder.loom_cp = (cp.size, cp.rank, layout)
     spec = decoder.spec
     check_split(spec.seq_len, cp.size, layout)
-    if spec.position != "rope":
-        raise ValueError(f"context parallelism needs position = \"rope\" (got {spec.position!r}): learned position "
-                         "embeddings are not sliced by the cp layout yet (fix: use rope, or cp = 1)")
-    pos = token_positions(spec.seq_len, cp.size, cp.rank, layout).to(decoder.cos.device)
-    # apply_rope reads rows [0, s_local) of the tables: gather the rows of this rank's global positions.
-    decoder.cos = decoder.cos[pos].contiguous()
-    decoder.sin = decoder.sin[pos].contiguous()
+    device = next(decoder.parameters()).device
+    pos = token_positions(spec.seq_len, cp.size, cp.rank, layout).to(device)
+    decoder.position_ids = pos                       # learned position embeddings read these rows (model.py)
+    if spec.position == "rope":
+        # apply_rope reads rows [0, s_local) of the tables: gather the rows of this rank's global positions.
+        decoder.cos = decoder.cos[pos].contiguous()
+        decoder.sin = decoder.sin[pos].contiguous()
     core = functools.partial(ring_attention, group=cp, layout=layout, causal=True, timeout_s=timeout_s)
     for layer in decoder.layers:
         layer.attn.core = core

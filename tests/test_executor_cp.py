@@ -166,13 +166,19 @@ def test_ring_peer_missing_is_a_named_timeout():
     assert out and out[0].startswith("cp rank 0: recv K/V step 0 from cp rank 1 did not complete within 2 s"), out
 
 
+# GPT-2 style: learned positions (read at the zigzag positions), LayerNorm, GELU, biases, tied embeddings.
+GPT2 = dict(layers=4, hidden=32, heads=4, ffn_hidden=64, vocab=64, seq_len=16, activation="gelu", norm="layernorm",
+            position="learned", bias=True, tied_embeddings=True)
+
+
 # ---- training parity -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [Cfg(cp=2, cp_layout="contiguous"), Cfg(cp=2, cp_layout="zigzag"),
                                  Cfg(cp=2, recompute="selective"), Cfg(cp=2, zero=1),
                                  Cfg(cp=2, zero=3, model=dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64,
-                                                              vocab=64, seq_len=16))],
+                                                              vocab=64, seq_len=16)),
+                                 Cfg(cp=2, pp=2, model=GPT2)],
                          ids=["cp2-contiguous", "cp2-zigzag", "cp2-zigzag-selective-recompute", "cp2-zero1",
-                              "cp2-zero3-untied"])
+                              "cp2-zero3-untied", "pp2xcp2-gpt2-learned-positions"])
 def test_cp_training_matches_single_process(cfg):
     ref = train_reference(cfg)
     res = shared_pool().run(train_parallel, cfg)
