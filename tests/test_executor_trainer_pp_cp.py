@@ -112,3 +112,18 @@ def test_loom_run_trains_the_pp_and_cp_examples(tmp_path, capfd, example):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert abs(rows[0]["loss"] - 5.55) < 0.1 and rows[-1]["loss"] < rows[0]["loss"] - 0.8
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_learned_positions_read_the_rows_of_position_ids():
+    """`Decoder.position_ids` (set by context parallelism: this rank's global positions) selects the learned
+    position rows; None keeps 0..s-1."""
+    from loom.executor.model import BuildCtx, Decoder
+    from loom.spec import ModelSpec
+    m = ModelSpec(layers=1, hidden=8, heads=2, ffn_hidden=16, vocab=16, seq_len=8, activation="gelu",
+                  norm="layernorm", position="learned", bias=True)
+    d = Decoder(BuildCtx(m))
+    ids = torch.arange(4)[None]
+    base = d.embed_tokens(ids) - d.pos[:4, None]
+    pos = torch.tensor([0, 1, 6, 7])                          # zigzag cp2, rank 0 of seq 8
+    d.position_ids = pos
+    torch.testing.assert_close(d.embed_tokens(ids), base + d.pos[pos, None])

@@ -49,7 +49,9 @@ LAYOUTS2 = {
     "pp2_interleaved": _spec({"pp": 2, "schedule": "interleaved", "vpp": 2}, micro_batch=2),
     "cp2": _spec({"cp": 2}, micro_batch=4),
 }
-LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2)}
+LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2),
+            "dp2_pp2_zero1": _spec({"dp": 2, "pp": 2, "zero": 1}, micro_batch=2),
+            "dp2_cp2": _spec({"dp": 2, "cp": 2}, micro_batch=2)}
 
 EXACT = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
          "pp_recv_act", "pp_recv_grad")
@@ -122,7 +124,7 @@ def _plan(name: str):
 @pytest.mark.parametrize("name", list(LAYOUTS2) + list(LAYOUTS4))
 def test_executor_sends_what_the_plan_lists(measured, name):
     spec, plan = _plan(name)
-    dp_group = "dp+cp" if spec.plan.cp > 1 else "dp"
+    dp_group = "dp+cp" if spec.plan.cp > 1 or spec.plan.pp > 1 else "dp"     # pp_stage.Stage's group name
     zero_exact = spec.plan.zero == 3                   # ZeRO-3 gathers one call per layer / root, as the plan
     for rank, r in enumerate(measured[name]):
         want_calls: Counter = Counter()
