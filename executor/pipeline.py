@@ -128,10 +128,13 @@ class PipelineRunner:
 
     def step(self, program: Iterable[Any], on_other: Callable[[Any], None] | None = None,
              before_backward: Callable[[PPAction, int, int], None] | None = None,
-             after_backward: Callable[[PPAction], None] | None = None) -> StepResult:
+             after_backward: Callable[[PPAction], None] | None = None,
+             on_op: Callable[[Any, float, float], None] | None = None) -> StepResult:
         """Run the program once. `on_other(op)` gets every op that is not pipeline work, in program order;
         `before_backward(action, k, n)` runs before each B: it is the k-th of the n backwards of its chunk in this
-        program (DP wrappers arm their gradient reduction for the last one); `after_backward(action)` after it."""
+        program (DP wrappers arm their gradient reduction for the last one); `after_backward(action)` after it.
+        `on_op(item, start_s, end_s)` (time.perf_counter()) once per program item when it is done; items run
+        inside F/B (TP/SP/CP collectives, recompute) get zero length."""
         program = list(program)
         n_b: dict[int, int] = {}
         for item in program:
@@ -154,9 +157,12 @@ class PipelineRunner:
             a = to_action(item)
             if a is None:
                 kind = getattr(getattr(item, "kind", None), "value", getattr(item, "kind", None))
+                t0 = time.perf_counter()
                 if on_other is not None and kind not in _INSIDE_COMPUTE:
                     comm.LOG.tag = str(kind)                # the Trainer's convention: the plan op's kind
                     on_other(item)
+                if on_op is not None:
+                    on_op(item, t0, time.perf_counter())
                 continue
             key = (a.microbatch, a.chunk)
             if not 0 <= a.chunk < self.v:
@@ -209,8 +215,11 @@ class PipelineRunner:
                     raise PipelineError(f"stage {self.stage}: {a} before its backward (or on the first stage)")
                 sends.append(isend(self._checked(to_send_grad.pop(key), a), self.pp, self._peer(a), self._tag(a),
                                    self._what(a), self.timeout_s))
+            t1 = time.perf_counter()
             res.trace.append(str(a))
-            res.times.append((str(a), t0 - t_base, time.perf_counter() - t_base))
+            res.times.append((str(a), t0 - t_base, t1 - t_base))
+            if on_op is not None:
+                on_op(item, t0, t1)
         comm.LOG.tag = ""
         for s in sends:
             s.wait()

@@ -17,13 +17,16 @@ gradients are summed over {first stage, last stage} once every backward of the s
 reduction of the chunk holding the copy (so the DP reduce-scatter of ZeRO >= 1 sees the summed gradient). That
 chunk's DP reduction therefore runs at the `optimizer` op instead of its own `dp_*` op: doing the cross-stage sum
 earlier could deadlock (the last stage would wait for the first while the first waits for the last stage's
-gradients). ZeRO-2/3 (part 1's DataParallel) reduce-scatter after every micro-batch's backward (`after_backward`
-below), so they cannot take the tied sum this way (checked).
-ZeRO-3: part 1's layer hooks gather each layer around its forward and backward; the root unit (embedding, final
-norm, head) is gathered before every chunk forward and every backward (AFAB runs several backwards after the
-forwards, and each ZeRO-3 backward frees the root again). DeepSpeed's PipelineEngine refuses ZeRO-2 and ZeRO-3
-with pipeline parallelism altogether (deepspeed/runtime/pipe/engine.py: "ZeRO-2 and ZeRO-3 are incompatible with
-pipeline parallelism"); here both work for untied models (tested).
+gradients). ZeRO-2/3 under PP reduce once per step as well (below), so they take the tied sum the same way.
+ZeRO-2/3 under PP (pp > 1), the plan's rule (spec/compile.py, docs/plan_ir.md): each chunk's gradients accumulate
+in full and are reduce-scattered once, on its last backward, and ZeRO-3 gathers each unit at the chunk's first
+forward and keeps it until that reduction - torchtitan's FSDP under pipelining (gradient sync on the last
+backward, no resharding), whose memory simulator/memory.py checks against published runs; reducing after every
+micro-batch would multiply DP traffic by m. With cp only (pp = 1) they reduce after every micro-batch, as part 1's
+Trainer does, and ZeRO-3's layer hooks gather around every forward and backward; the root unit (embedding, final
+norm, head) is gathered before every chunk forward and every backward (no-ops while it is kept). DeepSpeed's
+PipelineEngine refuses ZeRO-2 and ZeRO-3 with pipeline parallelism altogether (deepspeed/runtime/pipe/engine.py:
+"ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism").
 The gradient norm adds over the pp group as well, counting the tied weight once (on the first stage), like
 Megatron-LM's clip_grads (which skips the shared embedding on the last stage).
 """
@@ -85,12 +88,11 @@ class Stage:
             apply_context_parallel(d, self.cp, cp_layout, timeout_s)
             self.decoders.append(d)
         self.tied = tied_embedding_param(self.decoders) if m.tied_embeddings and p.pp > 1 else None
-        if self.tied is not None and p.zero >= 2:
-            raise ValueError("tied embeddings with pp > 1 need parallel.zero <= 1 in this executor (ZeRO-2/3 "
-                             "reduce-scatter every micro-batch, before the cross-stage sum of the tied gradient); "
-                             "fix: zero = 1, or model.tied_embeddings = false")
+        # ZeRO-2/3 under PP reduce once per step, on each chunk's last backward, and ZeRO-3 keeps a chunk gathered
+        # from its first forward to that reduction (the plan's rule, spec/compile.py: torchtitan's FSDP under
+        # pipelining); without PP (cp only) they reduce after every micro-batch as part 1's Trainer does.
         self.dps = [DataParallel(d, self.dpcp, self.tp, p.zero, p.bucket_MB, grad_dtype,
-                                 layer_units=list(d.layers)) for d in self.decoders]
+                                 layer_units=list(d.layers), every_micro_batch=p.pp == 1) for d in self.decoders]
         self.tied_chunk = next((c for c, dp in enumerate(self.dps) if self.tied in dp.unit_of), None) \
             if self.tied is not None else None
         self._uncount_tied_copy()
@@ -104,11 +106,12 @@ class Stage:
     def step(self, program: list[Any], batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
              optimize: Callable[[], None], gather: Callable[[], None] | None = None,
              forward_ctx: Callable[[], ContextManager] = contextlib.nullcontext,
-             loss_multiplier: float = 1.0) -> StepResult:
+             loss_multiplier: float = 1.0,
+             on_op: Callable[[Any, float, float], None] | None = None) -> StepResult:
         """Run one step of the plan's program. `batch(mb)` gives micro-batch mb's full-sequence (ids, targets) for
         this DP replica (sliced here for cp); `optimize()` steps the optimizer over `grad_shards()`;
         `forward_ctx()` wraps each chunk's forward (autocast); `loss_multiplier` scales the loss (fp16 loss
-        scaling; the returned loss includes it)."""
+        scaling; the returned loss includes it); `on_op(op, start_s, end_s)` once per program op (the runner's)."""
 
         def local_batch(mb: int):
             ids, tgt = batch(mb)
@@ -155,13 +158,13 @@ class Stage:
                 gathered = True
 
         def after_backward(a: PPAction) -> None:
-            if self.dps[a.chunk].zero >= 2:                  # reduce-scatter every micro-batch, free the full grad
+            if self.dps[a.chunk].per_micro_batch:            # reduce-scatter every micro-batch, free the full grad
                 self.dps[a.chunk].finish_backward()
 
         res = runner.step(program, on_other=on_other, before_backward=before_backward,
-                          after_backward=after_backward)
+                          after_backward=after_backward, on_op=on_op)
         if gather is not None and not gathered and self.zero in (1, 2) and self.dpcp.active:
-            gather()           # the plan shards over dp only: with dp = 1 < cp it lists no zero_allgather
+            gather()           # a program without a zero_allgather op (hand-written ones in tests)
         return res
 
     def _finish_all(self, reduced: set[int]) -> None:
@@ -188,7 +191,7 @@ class Stage:
         lo = u.offsets[dp.index_in_unit[self.tied]]
         hi = lo + self.tied.numel()
         _, counts = dp.masks()
-        cnt = counts[dp.units.index(u)]
+        cnt = counts[next(i for i, x in enumerate(dp.units) if x is u)]    # identity: Unit holds tensors
         base = dp.dp.rank * (u.numel // dp.dp.size) if dp.zero >= 1 else 0
         a, b = max(lo - base, 0), min(hi - base, cnt.numel())
         if a < b:

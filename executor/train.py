@@ -203,52 +203,23 @@ class Trainer:
         """pp > 1 or cp > 1: the plan's program through executor.pp_stage.Stage (the pipeline runner)."""
         stats: dict = {}
         scale = self.scaler.scale if self.scaler else 1.0
-        times: list[tuple[Any, float, float]] = []          # ops the runner hands back to us, timed here
 
-        def timed(fn: Callable[[], None], kind: str) -> Callable[[], None]:
-            def run() -> None:
-                t = time.perf_counter()
-                fn()
-                times.append((kind, t, time.perf_counter()))
-            return run
+        def hook(op, start: float, end: float) -> None:
+            if self.profile:
+                self.op_times.append((op.id, op.kind.value, op.microbatch, end - start))
+            if on_op is not None:
+                on_op(op, start, end)
 
         res = self.stage.step(self.program, batch=lambda mb: batches[mb],
-                              optimize=timed(lambda: stats.update(self._optimize()), "optimizer"),
-                              gather=timed(self.stage.gather_params, "zero_allgather"),
-                              forward_ctx=self._autocast, loss_multiplier=scale)
+                              optimize=lambda: stats.update(self._optimize()), gather=self.stage.gather_params,
+                              forward_ctx=self._autocast, loss_multiplier=scale,
+                              on_op=hook if (on_op is not None or self.profile) else None)
         self.last_trace = res.trace                         # the pipeline actions as executed, in order
-        if on_op is not None or self.profile:
-            self._report_stage_ops(res, times, on_op)
         loss_sum = torch.tensor((res.loss or 0.0) / scale, dtype=torch.float32, device=self.device)
         comm.LOG.tag = "loss_report"
         comm.all_reduce(loss_sum, self.stage.dpcp)              # the last stage's share of the tokens
         comm.all_reduce(loss_sum, self.mesh["pp"])              # other stages hold 0
         return loss_sum, stats
-
-    def _report_stage_ops(self, res, times: list, on_op: OpHook | None) -> None:
-        """The runner times its pipeline actions (StepResult.times, from t0_s); the optimizer and the gather are
-        timed around our callbacks. Ops run inside F/B (TP/SP/CP collectives, recompute) and the DP waits are
-        reported with zero length at the end of the action before them.
-        TODO(pp-done): pass on_op into PipelineRunner.step to time the DP waits too."""
-        from .pipeline import to_action
-        acts = {name: (res.t0_s + a, res.t0_s + b) for name, a, b in res.times}
-        by_kind = {}
-        for kind, a, b in times:
-            by_kind.setdefault(kind, []).append((a, b))
-        last = res.t0_s
-        for op in self.program:
-            a = to_action(op)
-            if a is not None and str(a) in acts:
-                start, end = acts[str(a)]
-            elif by_kind.get(op.kind.value):
-                start, end = by_kind[op.kind.value].pop(0)
-            else:
-                start = end = last
-            last = end
-            if self.profile:
-                self.op_times.append((op.id, op.kind.value, op.microbatch, end - start))
-            if on_op is not None:
-                on_op(op, start, end)
 
     def _optimize(self) -> dict:
         grads = self.dp.grad_shards()
@@ -284,8 +255,8 @@ class Trainer:
         tied_copy = self.spec.model.tied_embeddings
         for d in decoders:
             for name, prm in d.named_parameters():
-                if name == "head_weight" and tied_copy and not d.first:
-                    continue                                 # the last stage's copy of the tied embedding
+                if name == "embed.weight" and tied_copy and not d.last:
+                    continue         # tied: the single process names the one weight head_weight (the last stage's copy)
                 parts = name.split(".")
                 if parts[0] == "layers":                     # local index in the chunk -> global layer index
                     parts[1] = str(d.layers[int(parts[1])].index)

@@ -200,19 +200,6 @@ def test_chunk_roles_must_match_the_virtual_stage():
         PipelineRunner([Chunk(lambda x, mb: x, False, True)], SINGLE, (1,), torch.float32)
 
 
-@pytest.mark.parametrize("zero, tied, match", [(3, True, "tied embeddings"), (2, True, "tied embeddings")])
-def test_unsupported_stage_combinations_are_named_errors(zero, tied, match):
-    from loom.executor.comm import Group
-    from loom.executor.pp_stage import Stage
-    from loom.spec.compile import compile_plan
-    from test_executor_pp_harness import make_spec
-    model = dict(layers=4, hidden=32, heads=4, kv_heads=2, ffn_hidden=64, vocab=64, seq_len=16, tied_embeddings=tied)
-    spec = make_spec(Cfg(dp=2, pp=2, zero=zero, model=model))
-    groups = {"pp": Group("pp", None, 2, 0), "tp": SINGLE, "cp": SINGLE, "dp+cp": Group("dp+cp", None, 2, 0)}
-    with pytest.raises(ValueError, match=match):
-        Stage(spec, compile_plan(spec), groups)
-
-
 def test_an_activation_of_the_wrong_shape_is_named_before_it_is_sent():
     from loom.executor.comm import Group
     r = PipelineRunner([Chunk(lambda x, mb: torch.ones(3, 1, 4), True, False)], Group("pp", None, 2, 0), (2, 1, 4),

@@ -7,7 +7,8 @@ examples, and the Trainer path equals the single-process reference.
   interleaved, cp2 zigzag and cp2 with learned positions (GPT-2 style: `Decoder.position_ids`) against the same spec
   on one process (run as 2 independent replicas); losses and grad norms relative 1e-5, final parameters (gathered
   over pp by `Trainer.full_state`) relative 1e-5 per tensor (the tolerances of tests/test_executor_parity.py);
-  and a pp2 checkpoint/resume equal to the uninterrupted run.
+  and a pp2 checkpoint/resume equal to the uninterrupted run. On 4 ranks: tied embeddings with dp2×pp2 ZeRO-2 and
+  ZeRO-3 (AFAB), which reduce once per step under PP (the plan's rule) and so take the cross-stage tied sum.
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ GPT2 = {"layers": 2, "hidden": 32, "heads": 4, "ffn_hidden": 128, "vocab": 257, 
         "norm": "layernorm", "position": "learned", "bias": True, "tied_embeddings": False}
 
 
-def _case(name: str, model: dict, par: dict | None = None, **extra) -> dict:
+def _case(name: str, model: dict, par: dict | None = None, micro_batch: int = 2, **extra) -> dict:
     par = {"bucket_MB": 0.01, **(par or {})}
-    size = par.get("pp", 1) * par.get("cp", 1)
+    size = par.get("pp", 1) * par.get("cp", 1) * par.get("dp", 1)
     spec = {"model": model, "cluster": {"gpu": "cpu", "gpus_per_node": size},
-            "training": {"global_batch": 8, "micro_batch": 2, "precision": "fp32", "lr": 3e-3, "warmup_steps": 1,
+            "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": "fp32", "lr": 3e-3, "warmup_steps": 1,
                          "recompute": "none", "grad_clip": 1.0, "weight_decay": 0.1},
             "parallel": par}
     return {"name": name, "spec": copy.deepcopy(spec), "steps": extra.pop("steps", 3), **extra}
@@ -46,6 +47,14 @@ CASES = [
     _case("gpt2_cp2", GPT2, {"cp": 2}),
     _case("ckpt_full", LLAMA, {"pp": 2, "zero": 1}, steps=4),
     _case("ckpt_resume", LLAMA, {"pp": 2, "zero": 1}, steps=4, resume_at=2),
+]
+
+
+TIED = {**LLAMA, "tied_embeddings": True}
+CASES4 = [                       # 4 ranks: tied embeddings with ZeRO-2/3 under PP (reduced once per step)
+    _case("tied_ref", TIED),
+    _case("tied_dp2_pp2_zero2", TIED, {"dp": 2, "pp": 2, "zero": 2}, micro_batch=1),
+    _case("tied_dp2_pp2_zero3", TIED, {"dp": 2, "pp": 2, "zero": 3, "schedule": "afab"}, micro_batch=1),
 ]
 
 
@@ -67,11 +76,14 @@ def _job(cases: list[dict], out: str) -> dict:
 def results(tmp_path_factory) -> dict:
     from tests.test_executor_pp_harness import RankPool
     out = tmp_path_factory.mktemp("trainer_pp_cp")
-    pool = RankPool(2)
-    try:
-        return pool.run(_job, CASES, str(out))[0]
-    finally:
-        pool.close()
+    res = {}
+    for world, cases in ((2, CASES), (4, CASES4)):
+        pool = RankPool(world)
+        try:
+            res.update(pool.run(_job, cases, str(out))[0])
+        finally:
+            pool.close()
+    return res
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +91,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name,ref", [("pp2_1f1b", "ref"), ("pp2_interleaved", "ref"), ("cp2", "ref"),
-                                      ("gpt2_cp2", "gpt2_ref")])
+                                      ("gpt2_cp2", "gpt2_ref"),
+                                      ("tied_dp2_pp2_zero2", "tied_ref"), ("tied_dp2_pp2_zero3", "tied_ref")])
 def test_trainer_pp_cp_equals_single_process(results, name, ref):
     res, want = results[name], results[ref]
     torch.testing.assert_close(res["losses"], want["losses"], rtol=1e-5, atol=0)

@@ -51,6 +51,9 @@ LAYOUTS2 = {
 }
 LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2),
             "dp2_pp2_zero1": _spec({"dp": 2, "pp": 2, "zero": 1}, micro_batch=2),
+            "dp2_pp2_zero2": _spec({"dp": 2, "pp": 2, "zero": 2}, micro_batch=2),
+            "dp2_pp2_zero3_interleaved": _spec({"dp": 2, "pp": 2, "zero": 3, "schedule": "interleaved", "vpp": 2},
+                                               micro_batch=1),
             "dp2_cp2": _spec({"dp": 2, "cp": 2}, micro_batch=2)}
 
 EXACT = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
