@@ -32,7 +32,7 @@ from pathlib import Path
 from loom.simulator.memory import CUDA_CONTEXT_BYTES, GiB, memory_report
 from loom.spec import spec_from_dict
 
-RUNS = Path("/work/shared/reference/public_runs.json")
+RUNS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "public_runs.json"
 
 
 @dataclass(frozen=True)
