@@ -4,15 +4,13 @@
 rank runs N steps of its stage's program and writes `FILE.json.rank<r>`; rank 0 merges them into FILE.json.
 
 What is measured, and how:
-- Op times: the start and end of every op of `plan.program(stage)` that the executor runs as a unit (F, B, the DP
-  waits, the optimizer, ZeRO gathers, PP send/recv posts), on a clock shared by the ranks of one machine
-  (`time.perf_counter`, CLOCK_MONOTONIC on Linux; on CUDA, events recorded on the stream, resolved after the step
-  against a reference event taken after the step's barrier; the pipeline runner's own action times are host
-  times). Ops that run inside F/B (TP/SP collectives, CP
+- Op times: the start and end of every op of `plan.program(stage)` from `Trainer.step(on_op=...)`, on a clock
+  shared by the ranks of one machine (`time.perf_counter`, CLOCK_MONOTONIC on Linux; on CUDA the Trainer runs with
+  profile=True, a synchronize after each op, so an op's end is its GPU work's end). Ops that run inside F/B (TP/SP collectives, CP
   exchanges, recompute) have no interval of their own: their collectives are in the comm records.
   A step starts after a barrier, so the ranks' times are comparable.
 - Collectives: `executor.comm.LOG` records (kind, group, bytes, tag, time); the end of each call is stamped when
-  the record is appended, so its interval is [end - time_s, end].
+  the record is appended (on CUDA a CUDA event, resolved after the step), so its interval is [end - time_s, end].
 - Model states (exact, from the tensors, deduplicated by storage): parameters (the flat fp32 buffers; ZeRO-3: the
   owned shard, and the gathered buffer only while allocated), gradients (flat accumulators while allocated and the
   reduced shards), optimizer states (AdamW m and v, SGD momentum). Measured after a step, in the steady state.
@@ -23,15 +21,13 @@ What is measured, and how:
   step (what the schedule keeps in flight).
 - CUDA: `torch.cuda.max_memory_allocated` / `max_memory_reserved` per rank over the measured steps.
 
-Plans with pp = cp = 1 run through `executor.train.Trainer.step` itself (its program is wrapped in a timed
-iterator). Plans with pp > 1 or cp > 1 run through `executor.pp_stage.Stage` (the pipeline runner that Trainer
-does not drive yet), with the optimizer arithmetic of Trainer._optimize. Token ids are random (seeded): what is
-measured does not depend on their values, and it avoids building the corpus.
+Every layout runs through `executor.train.Trainer.step` itself (pp/cp through its `pp_stage.Stage`), on the spec's
+data, with `on_op` reporting each op of the program (ops that run inside a forward/backward, and the DP waits
+under pp/cp, get zero length there).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -227,38 +223,9 @@ class OpTimes:
     rows: list[tuple[int, float, float]] = field(default_factory=list)
 
 
-class TimedProgram:
-    """The plan program as Trainer.step iterates it (`for op in self.program`): each op is timed from its yield to
-    the loop's next request, i.e. exactly the work the loop body does for it."""
-
-    def __init__(self, ops: list, clock: Clock):
-        self.ops, self.clock = ops, clock
-        self.times = OpTimes()
-
-    def __iter__(self):
-        for op in self.ops:
-            t0 = self.clock.now()
-            yield op
-            self.times.rows.append((op.id, t0, self.clock.now()))
-
-    def __len__(self) -> int:
-        return len(self.ops)
-
-
-def _random_batch(spec, step: int, dp_rank: int, device: torch.device) -> Callable[[int], tuple]:
-    """Micro-batch mb's (ids, targets) of this DP replica: seeded random tokens (the Stage driver's data)."""
-    t, m = spec.training, spec.model
-
-    def batch(mb: int):
-        g = torch.Generator().manual_seed(spec.training.seed * 7919 + step * 1009 + dp_rank * 31 + mb)
-        x = torch.randint(m.vocab, (t.micro_batch, m.seq_len + 1), generator=g).to(device)
-        return x[:, :-1], x[:, 1:]
-    return batch
-
-
 @dataclass
 class _Run:
-    """What both drivers hand to `measure`: the DataParallel wrappers and optimizer (model states), the saved-tensor
+    """What the driver hands to `measure`: the DataParallel wrapper(s) and optimizer (model states), the saved-tensor
     counter, and `one_step(step) -> OpTimes`."""
     dps: list
     opt: Any
@@ -266,146 +233,27 @@ class _Run:
     one_step: Callable[[int], OpTimes]
 
 
-def _counter(params: list[torch.Tensor], blocks: list[nn.Module]) -> SavedTensors:
-    saved = SavedTensors(params)
-    saved.watch_blocks(blocks)
-    return saved
-
-
 def _trainer_driver(spec, mesh, device, steps: int, clock: Clock) -> _Run:
-    from .train import Trainer
-    trainer = Trainer(spec, mesh, device, steps)
+    """executor.train.Trainer for every layout (pp/cp through its pp_stage.Stage), timed by its `on_op` hook.
+    On CUDA the Trainer runs with profile=True (a synchronize after each op), so that each op's end is the end of
+    its GPU work; this removes overlap between consecutive ops."""
     from .model import Block
-    saved = _counter(list(trainer.model.parameters()) + list(trainer.model.buffers()),
-                     [mod for mod in trainer.model.modules() if isinstance(mod, Block)])
+    from .train import Trainer
+    trainer = Trainer(spec, mesh, device, steps, profile=device.type == "cuda")
+    saved = SavedTensors(list(trainer.model.parameters()) + list(trainer.model.buffers()))
+    saved.watch_blocks([mod for mod in trainer.model.modules() if isinstance(mod, Block)])
     program = list(trainer.program)
 
     def one_step(step: int) -> OpTimes:
-        timed = TimedProgram(program, clock)
-        trainer.program = timed
+        times = OpTimes()
         with saved.hooks():
-            trainer.step()
-        if len(timed.times.rows) != len(program):
-            raise RuntimeError(f"measure: Trainer.step ran {len(timed.times.rows)} of the program's {len(program)} "
-                               "ops through `self.program`: its loop changed; time the ops with an on_op hook "
-                               "(/work/notes/requests-verify.md)")
-        return timed.times
+            trainer.step(on_op=lambda op, a, b: times.rows.append((op.id, a - clock.t0, b - clock.t0)))
+        if len(times.rows) != len(program):
+            raise RuntimeError(f"measure: Trainer.step reported {len(times.rows)} of the program's {len(program)} "
+                               "ops through on_op")
+        times.rows.sort(key=lambda r: r[1])
+        return times
     return _Run([trainer.dp], trainer.opt, saved, one_step)
-
-
-def _stage_driver(spec, device, steps: int, clock: Clock) -> _Run:
-    from loom.spec.compile import compile_plan
-    from loom.spec.mesh import Mesh as SpecMesh
-
-    from .comm import Group
-    from .optim import FlatAdamW, clip_, global_grad_norm, lr_at
-    from .pp_stage import Stage, make_extra_groups
-    from .train import ADAM_BETAS
-    p, t = spec.plan, spec.training
-    smesh = SpecMesh.from_spec(spec)
-    me = dist.get_rank()
-    groups: dict[str, Group] = {}
-    for d in ("pp", "dp", "cp", "tp"):
-        for ranks in smesh.groups(d):
-            pg = dist.new_group(ranks) if len(ranks) > 1 else None
-            if me in ranks:
-                groups[d] = Group(d, pg, len(ranks), ranks.index(me))
-    groups.update(make_extra_groups(smesh))
-    coords = smesh.coords(me)
-    plan = compile_plan(spec)
-    act_dtype = torch.float32
-    stage = Stage(spec, plan, groups, device=device,
-                  grad_dtype=torch.bfloat16 if t.grad_dtype == "bf16" else torch.float32,
-                  act_dtype=act_dtype)
-    decay, count = stage.masks()
-    opt = FlatAdamW(stage.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
-    from .model import Block
-    saved = _counter([q for d in stage.decoders for q in list(d.parameters()) + list(d.buffers())],
-                     [mod for d in stage.decoders for mod in d.modules() if isinstance(mod, Block)])
-    program = plan.program(coords["pp"])
-    other_ops = [op for op in program if op.kind.value in ("dp_allreduce", "dp_reducescatter", "optimizer",
-                                                           "zero_allgather")]
-    state = {"step": 0}
-    # bf16 autocast on CUDA as Trainer._autocast (fp16 would need the Trainer's loss scaling: run without it)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-        if device.type == "cuda" and t.precision == "bf16" else contextlib.nullcontext
-
-    def optimize() -> None:                       # Trainer._optimize's arithmetic (fp32, no loss scaling)
-        grads = stage.grad_shards()
-        norm = global_grad_norm(grads, count, stage.norm_groups())
-        clip_(grads, norm, t.grad_clip)
-        opt.step(grads, lr_at(state["step"], steps, t.lr, t.min_lr, t.lr_schedule, t.warmup_steps,
-                              t.decay_fraction))
-        stage.zero_grad()
-
-    def one_step(step: int) -> OpTimes:
-        events: list[tuple[str, int, float, float]] = []       # (kind, chunk, start, end) of the non-pp ops
-        finish = [dp.finish_backward for dp in stage.dps]
-
-        def timed_finish(c: int):
-            def f():
-                prev, comm.LOG.tag = comm.LOG.tag, f"dp_wait.c{c}"
-                t0 = clock.now()
-                finish[c]()
-                comm.LOG.tag = prev
-                events.append(("dp", c, t0, clock.now()))
-            return f
-        for c, dp in enumerate(stage.dps):
-            dp.finish_backward = timed_finish(c)
-
-        def timed(kind: str, fn: Callable[[], None]) -> Callable[[], None]:
-            def f():
-                prev, comm.LOG.tag = comm.LOG.tag, kind     # the runner leaves its last action's tag set
-                t0 = clock.now()
-                fn()
-                comm.LOG.tag = prev
-                events.append((kind, -1, t0, clock.now()))
-            return f
-        batch = _random_batch(spec, step, coords["dp"], device)
-        base = clock.host()         # the runner's host times are relative to its own start, a few µs after this
-        with saved.hooks():
-            res = stage.step(program, batch, timed("optimizer", optimize), timed("zero_allgather", stage.gather_params),
-                             forward_ctx=autocast)
-        for c, dp in enumerate(stage.dps):
-            del dp.finish_backward
-        state["step"] += 1
-        return _stage_times(program, other_ops, res, events, base)
-    return _Run(stage.dps, opt, saved, one_step)
-
-
-def _stage_times(program: list, other_ops: list, res, events: list, base: float) -> OpTimes:
-    """Op ids for the runner's (action, start, end) rows and for the timed non-pipeline callbacks."""
-    from .pipeline import to_action
-    out = OpTimes()
-    by_action = {}
-    for op in program:
-        a = to_action(op)
-        if a is not None:
-            by_action[str(a)] = op.id
-    for name, t0, t1 in res.times:
-        out.rows.append((by_action[name], base + t0, base + t1))
-    # the callbacks: dp waits per chunk (the first dp op of the chunk gets the wait), optimizer, zero gathers
-    dp_seen: set[int] = set()
-    ev = list(events)
-    for op in other_ops:
-        kind = op.kind.value
-        if kind in ("dp_allreduce", "dp_reducescatter"):
-            match = next((e for e in ev if e[0] == "dp" and e[1] == op.chunk), None)
-            if match is not None and op.chunk not in dp_seen:
-                dp_seen.add(op.chunk)
-                ev.remove(match)
-                out.rows.append((op.id, match[2], match[3]))
-        elif kind == "optimizer":
-            match = next((e for e in ev if e[0] == "optimizer"), None)
-            if match is not None:
-                ev.remove(match)
-                out.rows.append((op.id, match[2], match[3]))
-        elif kind == "zero_allgather":
-            match = next((e for e in ev if e[0] == "zero_allgather"), None)
-            if match is not None:
-                ev.remove(match)
-                out.rows.append((op.id, match[2], match[3]))
-    return out
 
 
 # ---- the measurement -------------------------------------------------------------------------------------------
@@ -417,13 +265,8 @@ def measure(spec, steps: int, device: torch.device) -> dict[str, Any]:
     comm.LOG.records = records
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    p = spec.plan
-    if p.pp == 1 and p.cp == 1:
-        run = _trainer_driver(spec, build_mesh(p, device.type), device, steps, clock)
-        driver = "executor.train.Trainer"
-    else:
-        run = _stage_driver(spec, device, steps, clock)
-        driver = "executor.pp_stage.Stage"
+    run = _trainer_driver(spec, build_mesh(spec.plan, device.type), device, steps, clock)
+    driver = "executor.train.Trainer"
     from loom.spec.mesh import Mesh as SpecMesh
     coords = SpecMesh.from_spec(spec).coords(rank)
     out_steps = []

@@ -244,7 +244,6 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
                                                    if d == "cp" else "")))
 
     # ---- comm bytes per stage and kind (last measured step)
-    ce = vp.ce_call_bytes(spec)
     notes = vp.comm_notes(spec)
     for stage in range(spec.plan.pp):
         exact = vp.comm_bytes(spec, stage, ranks[0]["device"])
@@ -254,7 +253,7 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
         for r in stage_ranks:
             got: dict[str, int] = {}
             for rec in r["steps"][-1]["comm"]:
-                k = vp.classify(rec, ce)
+                k = vp.classify(rec)
                 if k is not None:
                     got[k] = got.get(k, 0) + rec["bytes"]
             per_rank.append(got)
@@ -462,14 +461,20 @@ def verify_cli(args) -> int:
     if getattr(args, "trace", None):
         write_trace(spec, measured, args.trace)
     failed = [r for r in rows if r.ok is False]
+    plan_rows = [r for r in rows if r.metric.startswith("comm bytes") and r.reference is not None]
+    plan_differs = [r.metric for r in plan_rows if round(r.reference) != r.measured]
     if args.json:
         print(json.dumps({"spec": args.file, "steps": steps, "ranks": len(measured["ranks"]),
                           "device": measured["ranks"][0]["device"], "metrics": [r.to_dict() for r in rows],
-                          "failed": [r.metric for r in failed]}, indent=2))
+                          "failed": [r.metric for r in failed],
+                          "plan_comm_rows": {"equal": len(plan_rows) - len(plan_differs), "differ": plan_differs}},
+                         indent=2))
     else:
         print(f"loom verify {args.file}: {len(measured['ranks'])} ranks on {measured['ranks'][0]['device']} "
               f"({measured['ranks'][0]['backend']}), {steps} steps")
         print(format_table(rows))
-        print(f"\n{len(failed)} metric(s) outside tolerance" + (": " + ", ".join(r.metric for r in failed)
-                                                                 if failed else ""))
+        print(f"\nplan (spec/compile.py) vs measured collective bytes: {len(plan_rows) - len(plan_differs)} equal"
+              + (f", {len(plan_differs)} differ: " + ", ".join(plan_differs) if plan_differs else ""))
+        print(f"{len(failed)} metric(s) outside tolerance" + (": " + ", ".join(r.metric for r in failed)
+                                                               if failed else ""))
     return 1 if failed else 0

@@ -156,7 +156,7 @@ def state_bytes(spec, stage: int) -> dict[str, int]:
     shard = padded // n_dp
     sharded_params = p.zero == 3 and n_dp > 1
     params = (shard if sharded_params else padded) * F32
-    full_grad_kept = not (p.zero >= 2 and n_dp > 1)
+    full_grad_kept = not (p.zero >= 2 and n_dp > 1)         # freed after its reduction (dp.py finish_backward)
     grads = (padded * gb if full_grad_kept else 0) + (shard * F32 if p.zero >= 1 else 0)
     opt_shard = shard if p.zero >= 1 else padded
     states = 1 if t.optimizer == "sgd" else 2
@@ -239,8 +239,8 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
             else:
                 ar = 2 * n * lo + emb * hi + (2 * n + head) * hi + (n * lo if full_rc else 0)
                 out["tp_allreduce"] += M * A * ar
-            if last:
-                out["ce_allreduce"] += M * 3 * T * F32        # vocab-parallel CE: max, target logit, exp-sum
+            if last:                                          # vocab-parallel CE: max, target logit, exp-sum
+                out["tp_allreduce"] += M * 3 * T * F32        # (the plan lists them as a tp_allreduce op)
         if cp > 1:
             # cp_ring.py: K and V stacked (linear outputs, lo), this rank's local sequence; forward cp-1 K/V hops
             # per layer, backward cp-1 K/V hops and cp-1 dK/dV hops (fp32 accumulator, starting one rank after
@@ -255,27 +255,33 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
             j = chunks.index((layers, first, last)) * p.pp + stage
             out["pp_send_act"] += M * msg if j != j_last else 0
             out["pp_send_grad"] += M * msg if j != 0 else 0
-        reduces = M if p.zero >= 2 else 1                     # ZeRO-2/3 reduce every micro-batch (dp.py)
+        # ZeRO-2/3 reduce every micro-batch without PP; under PP once per step (dp.py every_micro_batch, set by
+        # pp_stage.Stage to pp == 1), as the plan
+        per_mb = p.zero >= 2 and p.pp == 1
+        reduces = M if per_mb else 1
         if n_dp > 1:
             key = "dp_allreduce" if p.zero == 0 else "dp_reducescatter"
             out[key] += reduces * sum(u.numel for u in cunits) * gb
             if p.zero in (1, 2):
                 out["zero_allgather"] += sum(u.numel for u in cunits) * F32
-            if p.zero == 3:
+            if p.zero == 3 and per_mb:
                 layer_units, root = cunits[:-1], cunits[-1]
                 # layers: gathered before each forward and again before each backward; root once per micro-batch
                 out["zero_allgather"] += M * (2 * sum(u.numel for u in layer_units) + root.numel) * F32
+            elif p.zero == 3:                                 # under PP every unit stays gathered for the step
+                out["zero_allgather"] += sum(u.numel for u in cunits) * F32
         if sp:
             sp_bytes = sum(q.numel for u in cunits for q in u.params if q.sp_grad) * gb
-            sp_reduce = (M if p.zero >= 2 else 1) if n_dp > 1 else 1
+            sp_reduce = M if per_mb and n_dp > 1 else 1
             out["sp_grad_allreduce"] += sp_reduce * sp_bytes
     # optimizer: the global gradient norm, one fp32 scalar per active group (optim.global_grad_norm)
     norm_groups = [tp] + ([n_dp] if p.zero >= 1 else [])
     if p.pp > 1 or p.cp > 1:
         norm_groups.append(p.pp)                              # pp_stage.Stage.norm_groups adds pp
     out["grad_norm_allreduce"] = sum(F32 for g in norm_groups if g > 1)
-    if p.pp == 1 and p.cp == 1 and p.dp > 1:
-        out["loss_report"] = F32                              # Trainer.step: all_reduce of the step loss over dp
+    # Trainer.step: the step loss all-reduced over dp (pp = cp = 1), or over dp·cp and over pp (Stage path)
+    loss_groups = [p.dp] if p.pp == 1 and p.cp == 1 else [p.dp * p.cp, p.pp]
+    out["loss_report"] = sum(F32 for g in loss_groups if g > 1)
     if p.pp > 1 and m.tied_embeddings and (stage == 0 or stage == p.pp - 1):
         vp = math.ceil(m.vocab / tp) * tp
         out["tied_embedding_allreduce"] = vp // tp * m.hidden * gb
@@ -283,22 +289,15 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
 
 
 COMM_ROWS = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
-             "dp_allreduce", "dp_reducescatter", "zero_allgather", "ce_allreduce", "sp_grad_allreduce",
+             "dp_allreduce", "dp_reducescatter", "zero_allgather", "sp_grad_allreduce",
              "grad_norm_allreduce", "loss_report", "tied_embedding_allreduce")
 PLAN_KINDS = frozenset({"tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act",
                         "pp_send_grad", "dp_allreduce", "dp_reducescatter", "zero_allgather"})
 
 
-def ce_call_bytes(spec) -> int:
-    """Bytes of one vocab-parallel cross-entropy all-reduce: one fp32 value per token of the micro-batch (tp.py)."""
-    t, m = spec.training, spec.model
-    return t.micro_batch * m.seq_len // spec.plan.cp * F32
-
-
-def classify(rec: dict, ce_bytes: int) -> str | None:
-    """The comm row of one executor record (comm.py / pp_p2p.py); None for receives (counted at the sender).
-    Inside a forward, a TP all-reduce of `ce_bytes` (one fp32 per token) is the cross-entropy's, any other one
-    carries an activation (tokens·hidden elements, never equal to it since hidden > 1)."""
+def classify(rec: dict) -> str | None:
+    """The comm row of one executor record (comm.py / pp_p2p.py); None for receives (counted at the sender). Rows
+    follow the plan's op kinds; collectives the plan does not list get their own rows."""
     kind, group, tag = rec["kind"], rec["group"], rec["tag"]
     if kind == "recv":
         return None
@@ -320,7 +319,7 @@ def classify(rec: dict, ce_bytes: int) -> str | None:
     if group == "tp" and kind == "reduce_scatter":
         return "sp_reducescatter"
     if group == "tp" and kind == "all_reduce":
-        return "ce_allreduce" if rec["bytes"] == ce_bytes else "tp_allreduce"
+        return "tp_allreduce"                                 # the layers', embedding's, head's and the CE's
     return f"other:{kind}:{group}:{tag}"
 
 
@@ -342,23 +341,16 @@ def comm_notes(spec) -> dict[str, str]:
         "the executor pads each unit to a multiple of the DP group" if padded else "",
         "the executor pads the vocabulary to a multiple of tp" if spec.model.vocab % p.tp else "") if x)
         + ("; the plan uses unpadded parameter counts" if padded or spec.model.vocab % p.tp else ""))
-    rc = ("; with full recompute the plan repeats both per-layer reductions, torch's checkpoint (early stop) "
-          "reruns only the first") if spec.training.recompute == "full" else ""
     notes = {
-        "tp_allreduce": "the plan leaves out the embedding's forward all-reduce and the LM head input's backward "
-                        "all-reduce (one activation each, first/last stage)" + rc,
-        "sp_allgather": "the plan leaves out the head input's all-gather (fwd) and the embedding's (bwd)",
-        "sp_reducescatter": "the plan leaves out the embedding's reduce-scatter (fwd) and the head input's (bwd)" + rc,
-        "cp_kv_exchange": "the plan's K/V message uses the precision's bytes; the executor's are fp32 here",
+        "tp_allreduce": "",
+        "sp_allgather": "",
+        "sp_reducescatter": "",
+        "cp_kv_exchange": "on CUDA the plan's forward K/V message uses the precision's bytes"
+                          if spec.gpu.device == "cuda" else "",
         "dp_allreduce": pad,
-        "dp_reducescatter": "; ".join(x for x in (pad, (
-            "under PP the plan reduce-scatters ZeRO-2/3 gradients once per step (spec/compile.py), the executor "
-            "after every micro-batch (pp_stage.Stage frees the full gradient each time)"
-            if p.zero >= 2 and p.pp > 1 else "")) if x),
+        "dp_reducescatter": pad,
         "zero_allgather": "the executor gathers fp32 flat parameters (padded); the plan precision-sized unpadded "
-                          "ones" + ("; ZeRO-3 also gathers the root unit (embedding, final norm, head) once per "
-                                    "micro-batch" if p.zero == 3 else ""),
-        "ce_allreduce": "not in the plan (spec/compile.py: 'left out, small')",
+                          "ones",
         "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",
         "grad_norm_allreduce": "not in the plan: one fp32 scalar per group for the global gradient norm",
         "loss_report": "not in the plan: the step loss all-reduced over dp for logging",

@@ -344,7 +344,7 @@ def test_cuda_bf16_activation_collectives_use_the_autocast_dtype():
     M, A, n = spec.micro_batches, 2 * 32 * 64, 2
     assert cpu["sp_allgather"] - gpu["sp_allgather"] == M * A * 2 * n * 2      # 2n bf16 backward gathers
     assert cpu["sp_reducescatter"] - gpu["sp_reducescatter"] == M * A * 2 * n * 2
-    assert cpu["ce_allreduce"] == gpu["ce_allreduce"]
+    assert cpu["tp_allreduce"] == gpu["tp_allreduce"] > 0                      # with SP only the fp32 CE
 
 
 def test_executor_failure_shows_the_ranks_message_not_torchruns_traceback():
