@@ -197,9 +197,7 @@ def activation_dtypes(spec, device: str = "cpu") -> tuple[int, int]:
     dtype). lo: outputs of the linear layers and their gradients, which CUDA autocast runs in bf16/fp16
     (Trainer._autocast; fp8 runs without autocast). On CPU both are fp32. The CUDA rule is derived from autocast's
     semantics and has not been run on a GPU."""
-    prec, p = spec.training.precision, spec.plan
-    stage_path = p.pp > 1 or p.cp > 1        # executor/measure.py's Stage driver autocasts bf16 only
-    if device.startswith("cuda") and (prec == "bf16" or (prec == "fp16" and not stage_path)):
+    if device.startswith("cuda") and spec.training.precision in ("bf16", "fp16"):
         return 2, F32
     return F32, F32
 
@@ -341,6 +339,16 @@ def comm_notes(spec) -> dict[str, str]:
         "the executor pads each unit to a multiple of the DP group" if padded else "",
         "the executor pads the vocabulary to a multiple of tp" if spec.model.vocab % p.tp else "") if x)
         + ("; the plan uses unpadded parameter counts" if padded or spec.model.vocab % p.tp else ""))
+    if p.tp > 1 and (spec.model.bias or spec.model.position == "learned"):
+        pad = "; ".join(x for x in (pad, (
+            "the plan (spec/compile.py _Shapes.chunk_params) divides replicated parameters by tp (the learned "
+            "position table via embedding_params, the row-parallel biases of o and down via layer_params); the "
+            "executor replicates them (tp.py, model.py)")) if x)
+    if spec.model.tied_embeddings and p.pp > 1:
+        pad = "; ".join(x for x in (pad, (
+            "the plan (spec/compile.py _Shapes.chunk_params) counts no LM head on the last stage when embeddings are "
+            "tied, but under PP that stage holds its own copy of the table (memory.py counts it; Megatron's "
+            "word_embeddings_for_head; pp_stage.Stage)")) if x)
     notes = {
         "tp_allreduce": "",
         "sp_allgather": "",
@@ -349,8 +357,9 @@ def comm_notes(spec) -> dict[str, str]:
                           if spec.gpu.device == "cuda" else "",
         "dp_allreduce": pad,
         "dp_reducescatter": pad,
-        "zero_allgather": "the executor gathers fp32 flat parameters (padded); the plan precision-sized unpadded "
-                          "ones",
+        "zero_allgather": "; ".join(x for x in (pad, "the plan gathers precision-sized parameters, the executor its "
+                                                     "fp32 flat buffers" if spec.training.precision != "fp32" else "")
+                                    if x),
         "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",
         "grad_norm_allreduce": "not in the plan: one fp32 scalar per group for the global gradient norm",
         "loss_report": "not in the plan: the step loss all-reduced over dp for logging",
