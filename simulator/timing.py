@@ -93,9 +93,11 @@ def bubble_fraction(lines: dict[str, list[Slice]], durations: list[float]) -> fl
         return 0.0
     fracs = []
     for sl in lines.values():
-        # Busy: its own forward/backward/recompute and TP collectives, and the collectives that feed its compute
-        # (CP exchanges, ZeRO-3 gathers): waiting on those is exposed communication, reported separately.
-        busy = _merge([(s.end_s - durations[s.op.id], s.end_s) for s in sl if s.op.kind in _BUSY])
+        # Busy: its own forward/backward/recompute and TP collectives, and any non-pipeline collective in flight
+        # (CP exchanges, ZeRO gathers, DP buckets queued ahead of them on the comm stream): waiting on those is
+        # exposed communication, reported separately. What is left is waiting on the pipeline.
+        busy = _merge([(s.end_s - durations[s.op.id], s.end_s) for s in sl
+                       if s.op.kind in _BUSY or (s.op.group is not None and s.op.group != "pp")])
         covered = sum(min(b, pipe_end) - a for a, b in busy if a < pipe_end)
         fracs.append(max(0.0, pipe_end - covered) / pipe_end)
     return sum(fracs) / len(fracs)

@@ -121,3 +121,13 @@ def test_report_fields_and_mfu_convention():
 def test_import_leaves_torch_out():
     code = "import sys, loom.simulator, loom.spec; sys.exit(1 if 'torch' in sys.modules or 'triton' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_no_pipeline_means_no_bubble_even_when_comm_bound():
+    """Llama 3 70B with ZeRO-3 over 8 nodes and 16 micro-batches is DP-bound: the compute stream idles for seconds,
+    but that idle time is exposed DP communication, not a pipeline bubble."""
+    from pathlib import Path
+    from loom.spec import load_spec
+    r = simulate_time(load_spec(Path(__file__).resolve().parents[1] / "examples" / "llama3-70b-64xh100.toml"))
+    assert r.exposed_comm_s["dp"] > 1.0
+    assert r.bubble_fraction == 0.0
