@@ -49,9 +49,11 @@ def format_report(spec: Spec, r: dict[str, Any]) -> str:
     rows = []
     cols = [k for k in _MEM_COLUMNS if k in mem["per_stage"][0]]
     for i, st in enumerate(mem["per_stage"]):
-        rows.append([st.get("stage", i), st.get("layers", ""), st.get("microbatches_in_flight", "")]
+        rows.append([st.get("stage", i), st.get("layers", ""), f"{st.get('microbatches_in_flight', 0):.2f}"]
                     + [gib(st[k]) for k in cols])
-    headers = ["stage", "layers", "mb in flight"] + cols
+    short = {"embedding_buffers": "embed", "logits_buffers": "logits", "comm_buffers": "comm", "optimizer": "optim",
+             "activations": "activ", "workspace": "workspace"}
+    headers = ["stage", "layers", "mb in flight"] + [short.get(c, c) for c in cols]
     lines.append("\nMemory per GPU (GiB)")
     lines.append(tabulate(rows, headers=headers, tablefmt="github"))
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
