@@ -65,7 +65,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from loom.report import format_report, simulate_report
     spec, chosen = _resolve_auto(_load(args.file))
-    report = simulate_report(spec, price_per_gpu_hour=args.price, trace_path=args.trace, plot_path=args.plot)
+    try:
+        report = simulate_report(spec, price_per_gpu_hour=args.price, trace_path=args.trace, plot_path=args.plot,
+                                 profile_path=args.profile)
+    except (OSError, ValueError) as exc:
+        print(f"loom simulate: --profile {args.profile}: {exc}. Fix: give a file written by `loom calibrate`.",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     if chosen:
         report["auto"] = chosen
     if args.json:
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="FILE.json", help="write the simulated step as a Chrome/Perfetto trace")
     p.add_argument("--plot", metavar="FILE.png", help="draw the pipeline schedule (needs matplotlib)")
     p.add_argument("--price", type=float, metavar="USD", help="price per GPU-hour, for the cost to train")
+    p.add_argument("--profile", metavar="P.json", help="hardware profile from `loom calibrate` (default: catalog)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("search", help="rank every valid plan for the spec's model, cluster and batch")

@@ -9,16 +9,17 @@ from loom.format import duration, gib, human_count
 from loom.spec.spec import Spec
 
 
-def _time_report(spec: Spec, price_per_gpu_hour: float | None):
+def _time_report(spec: Spec, price_per_gpu_hour: float | None, profile=None):
     from loom.simulator import simulate_time
     if price_per_gpu_hour is not None:
         cluster = spec.cluster.model_copy(update={"price_per_gpu_hour": price_per_gpu_hour})
         spec = spec.model_copy(update={"cluster": cluster})
-    return simulate_time(spec)
+    return simulate_time(spec, profile=profile)
 
 
 def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_path: str | None = None,
-                    plot_path: str | None = None) -> dict[str, Any]:
+                    plot_path: str | None = None, profile_path: str | None = None) -> dict[str, Any]:
+    """`profile_path`: a hardware profile written by `loom calibrate`, used instead of the catalog's defaults."""
     from loom.simulator.memory import memory_report
     mem = memory_report(spec)
     out: dict[str, Any] = {
@@ -29,7 +30,12 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
         "tokens_per_step": spec.tokens_per_step,
         "memory": mem.to_dict(),
     }
-    timing = _time_report(spec, price_per_gpu_hour)
+    profile = None
+    if profile_path:
+        from loom.simulator.hardware import HardwareProfile
+        profile = HardwareProfile.load(profile_path)
+        out["profile"] = profile_path
+    timing = _time_report(spec, price_per_gpu_hour, profile)
     if timing is not None:
         out.update(timing.to_dict())
         if trace_path:

@@ -83,3 +83,16 @@ def test_simulate_does_not_import_torch(tmp_path):
             "assert rc == 0; assert 'torch' not in sys.modules, 'simulate imported torch'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_simulate_with_a_calibrated_profile(capsys):
+    tiny = str(ROOT / "examples" / "tiny-cpu.toml")
+    assert main(["simulate", tiny, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["simulate", tiny, "--json", "--profile", str(ROOT / "examples/profiles/cpu-2core-gloo.json")]) == 0
+    calibrated = json.loads(capsys.readouterr().out)
+    assert calibrated["profile"].endswith("cpu-2core-gloo.json")
+    assert calibrated["step_time_s"] != default["step_time_s"]        # the measured machine, not the catalog
+    assert calibrated["memory"] == default["memory"]                   # a profile changes time, not memory
+    assert main(["simulate", tiny, "--profile", "/nonexistent/profile.json"]) == 2
+    assert "loom calibrate" in capsys.readouterr().err
