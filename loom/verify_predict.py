@@ -1,18 +1,19 @@
 """What the executor allocates and sends for a plan, predicted from the spec alone (no torch).
 
 The memory model (simulator/memory.py) and the plan (spec/compile.py) describe a *production* layout: bf16
-weights with fp32 master copies, unpadded shards, the collectives that dominate. The executor is a reference
+weights with fp32 master copies, unpadded ZeRO shards in memory, the collectives that dominate (the plan's DP/ZeRO
+ops carry the executor's padded units, spec/units.py, shared with this module). The executor is a reference
 implementation with its own, documented, layout (executor/dp.py, model.py, tp.py, cp_ring.py, pp_stage.py). To
 hold it to exact equality, this module predicts exactly what the executor does, from the spec, by the rules those
 files state; `loom verify` prints these predictions next to the memory model's and the plan's and names every
 difference (`STATE_NOTES`, `comm_notes`).
 
 Executor rules used (each from the named file):
-- Parameters (model.py, tp.py): per layer norm1, q, k, v, o, norm2, up, [gate], down in registration order; Q/K/V
+- Parameters (model.py, tp.py; spec/units.py, which the plan compiler uses too): per layer norm1, q, k, v, o, norm2, up, [gate], down in registration order; Q/K/V
   and up/gate split by output rows over tp (biases too), o/down by input columns (their biases replicated);
   embedding and head vocabulary-parallel with the vocabulary padded to a multiple of tp; the Decoder's own
   parameters (pos, head_weight) come before its submodules' in `parameters()` order.
-- Units (dp.py): ZeRO-0/1/2 group parameters in reverse order into buckets that close once their gradient bytes
+- Units (dp.py; spec/units.py): ZeRO-0/1/2 group parameters in reverse order into buckets that close once their gradient bytes
   reach bucket_MB; ZeRO-3 makes one unit per layer plus one root unit; every unit is padded to a multiple of the
   DP group size (dp, times cp when cp > 1: pp_stage.Stage reduces over dp+cp). One DataParallel per model chunk.
 - Storage after a step (dp.py, optim.py): fp32 flat parameters (ZeRO-3 with dp > 1: only the fp32 owned shard);
@@ -22,61 +23,18 @@ Executor rules used (each from the named file):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from loom.spec.compile import split_layers
+from loom.spec.units import Param, Unit, chunk_tensors
+from loom.spec.units import chunk_units as _units
 
 F32 = 4
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
-@dataclass(frozen=True)
-class Param:
-    numel: int
-    sp_grad: bool = False          # replicated over TP but with SP its gradient is a partial sum over tp
-
-
 def _chunk_params(spec, layers: range, first: bool, last: bool) -> list[Param]:
     """This rank's parameters of one model chunk, in the order `dict.fromkeys(decoder.parameters())` gives."""
-    m, p = spec.model, spec.plan
-    tp, h = p.tp, m.hidden
-    sp = p.sp and tp > 1
-    vp = math.ceil(m.vocab / tp) * tp
-    table = vp // tp * h
-    own: list[Param] = []                                   # Decoder._parameters: pos, head_weight
-    if first and m.position == "learned":
-        own.append(Param(m.seq_len * h, sp))
-    if last:
-        own.append(Param(table))                            # tied on a single stage: the embedding itself
-    subs: list[Param] = []
-    if first and not (last and m.tied_embeddings):
-        subs.append(Param(table))                           # embed.weight (else deduplicated with head_weight)
-    norm = [Param(h, sp)] + ([Param(h, sp)] if m.norm == "layernorm" else [])
-    for _ in layers:
-        subs += norm
-        for out_dim in (m.q_dim, m.kv_dim, m.kv_dim):       # q, k, v: column-parallel
-            subs.append(Param(out_dim // tp * h))
-            if m.bias:
-                subs.append(Param(out_dim // tp))
-        subs.append(Param(h * (m.q_dim // tp)))             # o: row-parallel
-        if m.bias:
-            subs.append(Param(h, sp))
-        subs += norm
-        for _ in range(2 if m.gated else 1):                # up, [gate]
-            subs.append(Param(m.ffn_hidden // tp * h))
-            if m.bias:
-                subs.append(Param(m.ffn_hidden // tp))
-        subs.append(Param(h * (m.ffn_hidden // tp)))        # down
-        if m.bias:
-            subs.append(Param(h, sp))
-    if last:
-        subs += norm
-    return own + subs
-
-
-def _layer_params(spec) -> list[Param]:
-    """One layer's parameters (no embedding, norm or head), in order."""
-    return _chunk_params(spec, range(1), False, False)
+    return chunk_tensors(spec.model, spec.plan.tp, spec.plan.sp, layers, first, last)
 
 
 def stage_chunks(spec, stage: int) -> list[tuple[range, bool, bool]]:
@@ -97,49 +55,12 @@ def dp_group_size(spec) -> int:
     return p.dp * p.cp if (p.pp > 1 or p.cp > 1) else p.dp
 
 
-@dataclass(frozen=True)
-class Unit:
-    numel: int                     # padded
-    params: tuple[Param, ...]
-
-
 def chunk_units(spec, layers: range, first: bool, last: bool) -> list[Unit]:
-    """The flat-buffer units of one chunk's DataParallel (dp.py's grouping and padding)."""
+    """The flat-buffer units of one chunk's DataParallel (dp.py's grouping and padding; spec/units.py, which the
+    plan compiler uses too)."""
     p, t = spec.plan, spec.training
-    n_dp = dp_group_size(spec)
-    gb = DTYPE_BYTES[t.grad_dtype]
-    params = _chunk_params(spec, layers, first, last)
-    groups: list[list[Param]] = []
-    if p.zero == 3:
-        per_layer = len(_layer_params(spec))
-        n_own = len(params) - per_layer * len(layers)
-        # own (pos/head), then embed, layers..., final norm: find the layers' slice
-        lead = (1 if first and spec.model.position == "learned" else 0) + (1 if last else 0) + \
-            (1 if first and not (last and spec.model.tied_embeddings) else 0)
-        layer_part = params[lead:lead + per_layer * len(layers)]
-        for i in reversed(range(len(layers))):
-            groups.append(layer_part[i * per_layer:(i + 1) * per_layer])
-        rest = params[:lead] + params[lead + per_layer * len(layers):]
-        assert len(rest) == n_own
-        groups.append(rest)
-    else:
-        cur: list[Param] = []
-        cur_bytes = 0
-        for q in reversed(params):
-            cur.append(q)
-            cur_bytes += q.numel * gb
-            if cur_bytes >= p.bucket_MB * 2**20:
-                groups.append(cur)
-                cur, cur_bytes = [], 0
-        if cur:
-            groups.append(cur)
-    out = []
-    for g in groups:
-        if not g:
-            continue
-        n = sum(q.numel for q in g)
-        out.append(Unit(-(-n // n_dp) * n_dp, tuple(g)))
-    return out
+    return _units(spec.model, p.tp, p.sp, p.zero, p.bucket_MB, DTYPE_BYTES[t.grad_dtype], dp_group_size(spec),
+                  layers, first, last)
 
 
 def stage_units(spec, stage: int) -> list[list[Unit]]:
@@ -332,34 +253,17 @@ def plan_comm_bytes(plan, stage: int) -> dict[str, float]:
 
 def comm_notes(spec) -> dict[str, str]:
     """Why the plan's bytes (spec/compile.py) differ from the executor's for each row, where they do."""
-    p = spec.plan
-    padded = any(st["padded_elements"] != st["param_elements"] for st in
-                 (state_bytes(spec, k) for k in range(p.pp)))
-    pad = ("; ".join(x for x in (
-        "the executor pads each unit to a multiple of the DP group" if padded else "",
-        "the executor pads the vocabulary to a multiple of tp" if spec.model.vocab % p.tp else "") if x)
-        + ("; the plan uses unpadded parameter counts" if padded or spec.model.vocab % p.tp else ""))
-    if p.tp > 1 and (spec.model.bias or spec.model.position == "learned"):
-        pad = "; ".join(x for x in (pad, (
-            "the plan (spec/compile.py _Shapes.chunk_params) divides replicated parameters by tp (the learned "
-            "position table via embedding_params, the row-parallel biases of o and down via layer_params); the "
-            "executor replicates them (tp.py, model.py)")) if x)
-    if spec.model.tied_embeddings and p.pp > 1:
-        pad = "; ".join(x for x in (pad, (
-            "the plan (spec/compile.py _Shapes.chunk_params) counts no LM head on the last stage when embeddings are "
-            "tied, but under PP that stage holds its own copy of the table (memory.py counts it; Megatron's "
-            "word_embeddings_for_head; pp_stage.Stage)")) if x)
     notes = {
         "tp_allreduce": "",
         "sp_allgather": "",
         "sp_reducescatter": "",
         "cp_kv_exchange": "on CUDA the plan's forward K/V message uses the precision's bytes"
                           if spec.gpu.device == "cuda" else "",
-        "dp_allreduce": pad,
-        "dp_reducescatter": pad,
-        "zero_allgather": "; ".join(x for x in (pad, "the plan gathers precision-sized parameters, the executor its "
-                                                     "fp32 flat buffers" if spec.training.precision != "fp32" else "")
-                                    if x),
+        # DP/ZeRO bytes: the plan counts the executor's padded units (spec/units.py), so they agree exactly
+        "dp_allreduce": "",
+        "dp_reducescatter": "",
+        "zero_allgather": "the plan gathers precision-sized parameters, the executor its fp32 flat buffers"
+                          if spec.training.precision != "fp32" else "",
         "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",
         "grad_norm_allreduce": "not in the plan: one fp32 scalar per group for the global gradient norm",
         "loss_report": "not in the plan: the step loss all-reduced over dp for logging",

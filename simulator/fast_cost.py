@@ -81,7 +81,7 @@ class _Unit:
     """Durations of one micro-batch through one chunk, and what the plan's tail needs."""
     __slots__ = ("t_f", "t_b", "t_r", "t_head", "t_tp_pass", "tp_passes", "x_f", "x_b", "x_wait", "g_unit",
                  "g_wait", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
-                 "head_params", "p2p", "last_light")
+                 "head_params", "root_params", "p2p", "last_light")
 
 
 def _durations(cost: CostModel):
@@ -173,7 +173,8 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     bucket = p.bucket_MB * 2**20
 
     def issue(params: float) -> tuple[float, float]:
-        """(comm time, part of it left after the producing backward and its TP collectives)."""
+        """(comm time, part of it left after the producing backward and its TP collectives). Buckets split the
+        chunk evenly here; compile_plan uses the executor's units, padded to dp·cp (< dp·cp elements each)."""
         if dpcp <= 1:
             return 0.0, 0.0
         total = params * gb
@@ -198,7 +199,8 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     u.first, u.rest, u.per_mb, u.d_unit = first, rest, per_mb, d_unit
     u.chunk_params = chunk_params
     u.emb_params = sh.chunk_params(range(0), True, False)
-    u.head_params = sh.chunk_params(range(0), False, True)
+    u.head_params = sh.chunk_params(range(0), False, True)       # with tied embeddings: the last stage's copy
+    u.root_params = sh.chunk_params(range(0), True, True)        # pp = 1: embedding, norm, head (tied: once)
     u.last_light = (n - counts[-1]) / n if n else 0.0    # the last chunk's missing share of a full chunk
     u.p2p = 0.0
     if pp > 1:
@@ -284,8 +286,7 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
 
     # ---- optimizer and the distributed optimizer's parameter gather ----------------------------------------
     # the busiest stage's parameters: v chunks plus the embedding (stage 0) or the head (last stage)
-    stage_params = v * u.chunk_params + (u.emb_params + u.head_params if pp == 1 else
-                                         max(u.emb_params, u.head_params))
+    stage_params = v * u.chunk_params + (u.root_params if pp == 1 else max(u.emb_params, u.head_params))
     dpcp = p.dp * p.cp
     shard = dpcp if p.zero >= 1 else 1
     t_opt = dur(OpKind.OPTIMIZER, mem_bytes=stage_params / shard * (OPT_STATE_BYTES[t.optimizer] + gb))

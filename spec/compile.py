@@ -23,7 +23,11 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
   then all-gathers updated params after the step). ZeRO-0/1 reduce once per step, after the last micro-batch
   (DDP no_sync / Megatron's accumulation buffer); ZeRO-2/3 hold only a gradient shard, so they reduce-scatter
   after every micro-batch (DeepSpeed ZeRO-2; FSDP under gradient accumulation) - except with PP, where they
-  reduce once per step (torchtitan syncs on the last backward under PP).
+  reduce once per step (torchtitan syncs on the last backward under PP). Bytes are those on the wire: each rank's
+  own parameters (spec/units.py: replicated norms, row-parallel biases and position table; vocabulary padded to
+  a multiple of tp; the tied table's copy on the last stage under PP) grouped into the executor's units (buckets
+  closed at parameter boundaries; ZeRO-3: layers and root), each padded to a multiple of dp·cp so it splits into
+  equal shards (executor/dp.py; Megatron-LM param_and_grad_buffer.py pads its buckets the same way).
 - ZeRO-3 (Rajbhandari et al. 2020 §5; FSDP): every chunk's layers are all-gathered (one call per layer) before
   its forward and again before its backward, prefetched one op ahead; the root unit (embedding, final norm, head)
   once per micro-batch, before the forward (kept until that micro-batch's gradients are reduced). With PP each
@@ -36,12 +40,10 @@ PERFORMANCE.md): all-reduce 2(n-1)/n·B, all-gather and reduce-scatter (n-1)/n·
 """
 from __future__ import annotations
 
-import math
-
-
 from .mesh import Mesh
 from .plan import Op, OpKind, Plan, class_name
 from .schedules import build_schedule
+from .units import chunk_tensors, chunk_units
 
 ACT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "fp32": 4}      # fp8 runs matmuls in fp8, keeps activations bf16
 PARAM_BYTES = ACT_BYTES
@@ -114,18 +116,31 @@ class _Shapes:
         # per token (max logit, target logit, sum of exponentials).
         self.ce_msg = self.tokens / p.cp * FP32_BYTES
         self.dpcp = p.dp * p.cp                                   # gradient reduction group: dp and cp
+        self._params: dict[tuple[int, bool, bool], int] = {}
+        self._units: dict[tuple[int, bool, bool], list[int]] = {}
 
     def chunk_params(self, layers: range, first: bool, last: bool) -> float:
-        """Parameters one rank holds for a chunk (TP shards matmuls and the vocab; norms are replicated)."""
-        m = self.model
-        norm = m.norm_params()
-        per_layer = (m.layer_params() - 2 * norm) / self.tp + 2 * norm
-        n = len(layers) * per_layer
-        if first:
-            n += m.embedding_params() / self.tp
-        if last:
-            n += m.head_params() / self.tp + norm
+        """Parameters one rank holds for a chunk (spec/units.py: TP shards the matmuls, their column-parallel
+        biases and the vocabulary, padded to a multiple of tp; norms, row-parallel biases and the learned position
+        table are replicated; under PP with tied embeddings the last stage holds its own copy of the table)."""
+        key = (len(layers), first, last)
+        n = self._params.get(key)
+        if n is None:
+            n = self._params[key] = sum(q.numel for q in chunk_tensors(self.model, self.tp, self.par.sp,
+                                                                       range(len(layers)), first, last))
         return n
+
+    def dp_units(self, layers: range, first: bool, last: bool) -> list[int]:
+        """Elements of each DP unit of a chunk, in reduction order, each padded to a multiple of dp·cp: the
+        buffers the DP/ZeRO collectives carry (spec/units.py; executor/dp.py; Megatron's padded buckets)."""
+        key = (len(layers), first, last)
+        u = self._units.get(key)
+        if u is None:
+            p = self.par
+            u = self._units[key] = [x.numel for x in chunk_units(self.model, self.tp, p.sp, p.zero, p.bucket_MB,
+                                                                 self.gb, self.dpcp, range(len(layers)), first,
+                                                                 last)]
+        return u
 
 
 def _ring(kind: OpKind, n: int, msg: float) -> float:
@@ -241,10 +256,10 @@ def compile_plan(spec) -> Plan:
             if par.zero == 3 and dpcp > 1 and (pp == 1 or (a.kind == "F" and idx == first_f[c])):
                 if a.kind == "F" and (first or last):
                     root = b.collective(s, OpKind.ZERO_ALLGATHER, 1,
-                                        sh.chunk_params(range(0), first, last) * sh.pb, **common)
-                if n:
+                                        sum(sh.dp_units(range(0), first, last)) * sh.pb, **common)
+                if n:                                              # one unit per layer, each padded
                     zero3 = b.collective(s, OpKind.ZERO_ALLGATHER, n,
-                                         sh.chunk_params(layers, False, False) * sh.pb / n, **common)
+                                         sh.dp_units(range(1), False, False)[0] * sh.pb, **common)
                 for g in (root, zero3):
                     if g is not None and main_compute.get(s):
                         b.edge(main_compute[s][-1], g, frac=0.0)          # prefetch: one op ahead, no further
@@ -342,16 +357,18 @@ def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool
     """DP gradient buckets of one chunk, produced by `backward`, reduced in reverse layer order. `microbatch` is
     -1 when they reduce the whole step's accumulated gradients."""
     sh, par = b.sh, b.spec.plan
-    total = sh.chunk_params(layers, first, last) * sh.gb
-    bucket = par.bucket_MB * 2**20
-    n_buckets = max(1, math.ceil(total / bucket))
+    # The executor's units (buckets closed at parameter boundaries, or ZeRO-3's layers and root), each padded to
+    # a multiple of dp·cp: the bytes on the wire (spec/units.py), grouped into at most MAX_BUCKET_OPS ops.
+    units = [u * sh.gb for u in sh.dp_units(layers, first, last)]
+    n_buckets = len(units)
     n_ops = min(n_buckets, MAX_BUCKET_OPS)
     kind = OpKind.DP_ALLREDUCE if par.zero == 0 else OpKind.DP_REDUCESCATTER
-    out = []
+    out, lo = [], 0
     for k in range(n_ops):
         count = n_buckets // n_ops + (1 if k < n_buckets % n_ops else 0)
-        op = b.collective(s, kind, count, total / n_buckets, chunk=c, microbatch=microbatch, layers=layers,
-                          bucket=k)
+        op = b.collective(s, kind, count, sum(units[lo:lo + count]) / count, chunk=c, microbatch=microbatch,
+                          layers=layers, bucket=k)
+        lo += count
         # The k-th group of buckets is full once the backward has produced (k+1)/n_ops of the chunk's grads.
         b.edge(backward, op, frac=(k + 1) / n_ops)
         out.append(op)
@@ -371,8 +388,10 @@ def _optimizer(b: _Builder, pp: int, dp_ops: dict[int, list[int]], stage_chunks,
         b.edge(last_compute, op)                                  # after this stage's last compute op
         opt_ids.append(op)
         if par.zero in (1, 2) and sh.dpcp > 1:                    # distributed optimizer: gather updated params
-            msg = params * sh.pb / len(stage_chunks[s])
-            g = b.collective(s, OpKind.ZERO_ALLGATHER, len(stage_chunks[s]), msg)
+            # one call per unit of every chunk, padded (executor/dp.py gather_params; Megatron per bucket)
+            units = [u for c, r in enumerate(stage_chunks[s]) for u in sh.dp_units(r, c * pp + s == 0,
+                                                                                  c * pp + s == last_v)]
+            g = b.collective(s, OpKind.ZERO_ALLGATHER, len(units), sum(units) * sh.pb / len(units))
             b.edge(op, g)
     # Gradient clipping needs the global norm over all stages (Megatron-LM optimizer/clip_grads.py all-reduces it
     # over the model-parallel group): with clipping, each stage's optimizer waits for every stage's reduction.

@@ -1,17 +1,21 @@
 """One IR, two interpreters: what the plan lists (spec/compile.py) is what the executor sends, op for op.
 
-For each layout, every rank runs one training step through `Trainer` (gloo, fp32, a tiny model whose parameter and
-vocabulary sizes divide every group: no padding) and returns its comm log (executor/comm.py, pp_p2p.py) and the
-order in which it ran its compute. Against `plan.program(stage)` of the rank's stage:
+For each layout, every rank runs one training step through `Trainer` (gloo, fp32, tiny models) and returns its comm
+log (executor/comm.py, pp_p2p.py) and the order in which it ran its compute. Most layouts use a Llama-style model
+whose sizes divide every group; the padding and replication cases have their own layouts: a vocabulary tp does not
+divide (padded to a multiple of tp), a GPT-2-style model (biases, LayerNorm, learned positions: replicated over tp)
+under tp2, an odd hidden size whose DP units are padded to a multiple of dp, and tied embeddings under dp2×pp2
+(the last stage's copy of the table). Against `plan.program(stage)` of the rank's stage:
 
 - exact kinds (TP all-reduces incl. the embedding's, the LM head input's and the cross-entropy's; SP all-gathers and
   reduce-scatters; CP K/V and dK/dV sends; pipeline sends and receives; ZeRO-3 parameter gathers): the multiset of
   (plan kind, group, bytes of one call) -> calls equals the plan's Σ count per (kind, group, msg_bytes);
-- gradient reductions (DP all-reduce / reduce-scatter) and the ZeRO-1/2 post-step gather: bytes per step equal the
-  plan's Σ count·msg_bytes (the executor's buckets end at parameter boundaries, the plan's split evenly: the calls
-  differ, the bytes do not);
+- gradient reductions (DP all-reduce / reduce-scatter) and the ZeRO-1/2 post-step gather: the number of calls
+  equals the plan's Σ count and the bytes per step its Σ count·msg_bytes, exactly (the plan groups the executor's
+  units, padded, into at most MAX_BUCKET_OPS ops whose msg_bytes is the group's mean);
 - every executor collective maps to a plan kind, except the bookkeeping ones the plan does not list
-  (spec/compile.py docstring): the loss report, the global-norm scalars, the SP-replicated gradients' all-reduce;
+  (spec/compile.py docstring): the loss report, the global-norm scalars, the SP-replicated gradients' all-reduce,
+  the tied embedding's gradient sum over the first and last stage;
 - the compute order: pipeline layouts compare the runner's executed actions with the plan's F/B/SEND/RECV ops;
   without PP, the ops the step reported through `Trainer.step(on_op=...)` are the program, in order.
 """
@@ -26,10 +30,17 @@ MODEL = {"layers": 4, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn_hidden": 64,
          "rope_theta": 10000.0}
 
 
-def _spec(par: dict, micro_batch: int = 4, recompute: str = "none") -> dict:
+# GPT-2 style: biases, LayerNorm, GeLU, learned positions (replicated over tp); vocab 257 pads to 258 under tp2.
+GPT2 = {"layers": 4, "hidden": 32, "heads": 4, "ffn_hidden": 128, "vocab": 257, "seq_len": 16, "bias": True,
+        "norm": "layernorm", "activation": "gelu", "position": "learned"}
+# Odd sizes (hidden 33, vocab 257): DP units of odd length, padded to a multiple of dp.
+ODD = {**GPT2, "hidden": 33, "heads": 3, "ffn_hidden": 66}
+
+
+def _spec(par: dict, micro_batch: int = 4, recompute: str = "none", model: dict | None = None) -> dict:
     par = {"bucket_MB": 0.01, **par}
     size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
-    return {"model": copy.deepcopy(MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
+    return {"model": copy.deepcopy(model or MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
             "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": "fp32", "lr": 1e-3,
                          "warmup_steps": 1, "recompute": recompute, "grad_clip": 1.0},
             "parallel": par}
@@ -48,13 +59,22 @@ LAYOUTS2 = {
     "pp2_1f1b": _spec({"pp": 2, "schedule": "1f1b"}, micro_batch=2),
     "pp2_interleaved": _spec({"pp": 2, "schedule": "interleaved", "vpp": 2}, micro_batch=2),
     "cp2": _spec({"cp": 2}, micro_batch=4),
+    "dp2_zero1_odd": _spec({"dp": 2, "zero": 1}, micro_batch=2, model=ODD),
+    "dp2_zero3_odd": _spec({"dp": 2, "zero": 3}, micro_batch=2, model=ODD),
 }
 LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2),
             "dp2_pp2_zero1": _spec({"dp": 2, "pp": 2, "zero": 1}, micro_batch=2),
             "dp2_pp2_zero2": _spec({"dp": 2, "pp": 2, "zero": 2}, micro_batch=2),
             "dp2_pp2_zero3_interleaved": _spec({"dp": 2, "pp": 2, "zero": 3, "schedule": "interleaved", "vpp": 2},
                                                micro_batch=1),
-            "dp2_cp2": _spec({"dp": 2, "cp": 2}, micro_batch=2)}
+            "dp2_cp2": _spec({"dp": 2, "cp": 2}, micro_batch=2),
+            "dp2_tp2_sp_zero1_gpt2": _spec({"dp": 2, "tp": 2, "sp": True, "zero": 1}, micro_batch=2, model=GPT2),
+            "dp2_tp2_zero3_gpt2": _spec({"dp": 2, "tp": 2, "zero": 3}, micro_batch=2, model=GPT2),
+            "dp2_pp2_zero1_tied_interleaved": _spec({"dp": 2, "pp": 2, "zero": 1, "schedule": "interleaved",
+                                                     "vpp": 2}, micro_batch=1,
+                                                    model={**MODEL, "vocab": 257, "tied_embeddings": True}),
+            "dp2_pp2_zero0_tied_odd": _spec({"dp": 2, "pp": 2, "schedule": "1f1b"}, micro_batch=2,
+                                            model={**ODD, "tied_embeddings": True})}
 
 EXACT = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
          "pp_recv_act", "pp_recv_grad")
@@ -102,11 +122,13 @@ IGNORED = "bookkeeping"
 def classify(kind: str, group: str, nbytes: int, tag: str) -> str | None:
     """The plan kind of one executor record; None for the CP ring's receives (the plan's cp_kv_exchange counts
     the sends), IGNORED for the collectives the plan does not list."""
+    for k in ("dp_allreduce", "dp_reducescatter", "zero_allgather"):   # first: with a tied copy under PP the
+        if f">{k}" in tag:                                           # reduction runs inside the optimizer op
+            return k
     if tag == "loss_report" or ">sp_grad_allreduce" in tag or (tag.startswith("optimizer") and kind == "all_reduce"):
         return IGNORED
-    for k in ("dp_allreduce", "dp_reducescatter", "zero_allgather"):
-        if f">{k}" in tag:
-            return k
+    if group == "emb" and tag == "pp.tied_embedding_grad":      # tied copies' gradient sum, first + last stage
+        return IGNORED
     if group == "cp":
         return "cp_kv_exchange" if kind == "send" else None
     if group == "pp":
@@ -132,6 +154,7 @@ def test_executor_sends_what_the_plan_lists(measured, name):
     for rank, r in enumerate(measured[name]):
         want_calls: Counter = Counter()
         want_bytes: Counter = Counter()
+        want_n: Counter = Counter()
         for op in plan.program(r["stage"]):
             if op.group is None:
                 continue
@@ -140,9 +163,11 @@ def test_executor_sends_what_the_plan_lists(measured, name):
             if k in EXACT or (k == "zero_allgather" and zero_exact):
                 want_calls[(k, group, round(op.msg_bytes))] += op.count
             else:
-                want_bytes[(k, group)] += op.msg_bytes * op.count       # buckets split evenly: fractions
+                want_bytes[(k, group)] += op.msg_bytes * op.count       # an op's msg_bytes: its units' mean
+                want_n[(k, group)] += op.count
         got_calls: Counter = Counter()
         got_bytes: Counter = Counter()
+        got_n: Counter = Counter()
         for kind, group, nbytes, tag in r["comm"]:
             k = classify(kind, group, nbytes, tag)
             if k is None or k == IGNORED:
@@ -151,10 +176,12 @@ def test_executor_sends_what_the_plan_lists(measured, name):
                 got_calls[(k, group, nbytes)] += 1
             else:
                 got_bytes[(k, group)] += nbytes
+                got_n[(k, group)] += 1
         assert got_calls == want_calls, f"rank {rank} (stage {r['stage']}): executor {dict(got_calls)} vs plan " \
                                         f"{dict(want_calls)}"
         want_bytes = Counter({k: round(v) for k, v in want_bytes.items()})
         assert got_bytes == want_bytes, f"rank {rank}: executor {dict(got_bytes)} vs plan {dict(want_bytes)}"
+        assert got_n == want_n, f"rank {rank}: executor calls {dict(got_n)} vs plan {dict(want_n)}"
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS2) + list(LAYOUTS4))
@@ -176,3 +203,23 @@ def test_the_comparison_can_fail(measured):
     log = measured["tp2"][0]["comm"]
     calls = [x for x in log if x[0] == "all_reduce" and x[1] == "tp" and x[2] == ce]
     assert len(calls) == 3 * spec.micro_batches
+
+
+@pytest.mark.parametrize("name,padded", [("dp2_zero1_odd", True), ("dp2_tp2_sp_zero1_gpt2", False),
+                                         ("dp2_pp2_zero1_tied_interleaved", False)])
+def test_the_padding_layouts_send_every_parameter(measured, name, padded):
+    """An independent count: simulator/memory.py's closed-form parameters per rank (replicated norms, row-parallel
+    biases and position table; vocabulary padded to a multiple of tp; the tied copy on the last stage) times fp32
+    gradient bytes is what each stage reduce-scatters, plus, for the odd sizes, the padding of its units to a
+    multiple of dp (under 2 elements per unit) - which a plan counting unpadded or tp-divided parameters misses."""
+    from loom.simulator.memory import stage_params_per_gpu
+    spec, plan = _plan(name)
+    p = spec.plan
+    for r in measured[name]:
+        got = sum(nbytes for kind, group, nbytes, tag in r["comm"] if ">dp_reducescatter" in tag)
+        params = stage_params_per_gpu(spec.model, p.pp, p.tp, r["stage"], p.vpp if p.schedule == "interleaved" else 1)
+        n_calls = sum(1 for *_, tag in r["comm"] if ">dp_reducescatter" in tag)
+        if padded:
+            assert 4 * params < got <= 4 * (params + n_calls)
+        else:
+            assert got == 4 * params

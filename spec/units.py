@@ -1,0 +1,100 @@
+"""One rank's parameter tensors of a model chunk, and their grouping into the flat, padded DP units whose
+gradients are reduced (and, with ZeRO, whose parameters are gathered): the bytes the DP/ZeRO collectives carry.
+
+Tensors (Megatron-LM tensor parallelism, Shoeybi et al. 2019 §3; executor/model.py, tp.py): per layer norm1, q, k,
+v, o, norm2, up, [gate], down in registration order; Q/K/V and up/gate split by output rows over tp (their biases
+too), o/down by input columns (their biases replicated, as Megatron's RowParallelLinear); norms and the learned
+position table replicated; the embedding and the LM head vocabulary-parallel, the vocabulary padded up to a
+multiple of tp (Megatron pads to 128·tp; Loom only as far as the split needs, as simulator/memory.py). With tied
+embeddings under PP the last stage holds its own copy of the table (Megatron's word_embeddings_for_head). A
+chunk's own parameters (pos, head_weight) come before its submodules' (torch `parameters()` order).
+
+Units: buckets of parameters in reverse order that close at a parameter boundary once their gradient bytes reach
+bucket_MB (PyTorch DDP's reducer, Li et al. 2020 §3.2.3; Megatron-LM core/distributed/param_and_grad_buffer.py);
+ZeRO-3: one unit per layer plus one root unit (embedding, final norm, head; FSDP's per-layer wrapping). Every unit
+is padded to a multiple of the DP group size so that it splits into equal shards (executor/dp.py; Megatron-LM's
+distributed optimizer pads each bucket "to ensure uniform sharding", to a multiple of lcm(dp, 128):
+param_and_grad_buffer.py `_pad_end_of_bucket_if_needed`): the padding goes over the wire, so the plan counts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Param:
+    numel: int
+    sp_grad: bool = False          # replicated over TP but with SP its gradient is a partial sum over tp
+
+
+@dataclass(frozen=True)
+class Unit:
+    numel: int                     # padded to a multiple of the DP group
+    params: tuple[Param, ...]
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    return -(-vocab // tp) * tp
+
+
+def chunk_tensors(m, tp: int, sp: bool, layers: range, first: bool, last: bool) -> list[Param]:
+    """This rank's parameter tensors of one chunk (ModelSpec `m`), in `dict.fromkeys(decoder.parameters())` order."""
+    h = m.hidden
+    sp = sp and tp > 1
+    table = padded_vocab(m.vocab, tp) // tp * h
+    own: list[Param] = []                                   # the chunk's own: pos, head_weight
+    if first and m.position == "learned":
+        own.append(Param(m.seq_len * h, sp))
+    if last:
+        own.append(Param(table))                            # tied on a single stage: the embedding itself
+    subs: list[Param] = []
+    if first and not (last and m.tied_embeddings):
+        subs.append(Param(table))                           # embed.weight (else the same tensor as head_weight)
+    norm = [Param(h, sp)] + ([Param(h, sp)] if m.norm == "layernorm" else [])
+    for _ in layers:
+        subs += norm
+        for out_dim in (m.q_dim, m.kv_dim, m.kv_dim):       # q, k, v: column-parallel
+            subs.append(Param(out_dim // tp * h))
+            if m.bias:
+                subs.append(Param(out_dim // tp))
+        subs.append(Param(h * (m.q_dim // tp)))             # o: row-parallel, bias replicated
+        if m.bias:
+            subs.append(Param(h, sp))
+        subs += norm
+        for _ in range(2 if m.gated else 1):                # up, [gate]
+            subs.append(Param(m.ffn_hidden // tp * h))
+            if m.bias:
+                subs.append(Param(m.ffn_hidden // tp))
+        subs.append(Param(h * (m.ffn_hidden // tp)))        # down: row-parallel, bias replicated
+        if m.bias:
+            subs.append(Param(h, sp))
+    if last:
+        subs += norm
+    return own + subs
+
+
+def chunk_units(m, tp: int, sp: bool, zero: int, bucket_MB: float, grad_bytes: int, n_dp: int, layers: range,
+                first: bool, last: bool) -> list[Unit]:
+    """The flat-buffer units of one chunk, in the order they are reduced (executor/dp.py's grouping and padding)."""
+    params = chunk_tensors(m, tp, sp, layers, first, last)
+    groups: list[list[Param]] = []
+    if zero == 3:
+        per_layer = len(chunk_tensors(m, tp, sp, range(1), False, False))
+        lead = (1 if first and m.position == "learned" else 0) + (1 if last else 0) + \
+            (1 if first and not (last and m.tied_embeddings) else 0)
+        layer_part = params[lead:lead + per_layer * len(layers)]
+        for i in reversed(range(len(layers))):
+            groups.append(layer_part[i * per_layer:(i + 1) * per_layer])
+        groups.append(params[:lead] + params[lead + per_layer * len(layers):])
+    else:
+        cur: list[Param] = []
+        cur_bytes = 0
+        for q in reversed(params):
+            cur.append(q)
+            cur_bytes += q.numel * grad_bytes
+            if cur_bytes >= bucket_MB * 2**20:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+        if cur:
+            groups.append(cur)
+    return [Unit(-(-sum(q.numel for q in g) // n_dp) * n_dp, tuple(g)) for g in groups if g]
