@@ -28,6 +28,20 @@ def torchrun_command(spec: Spec, spec_path: str, extra_args: Sequence[str] = (),
     return cmd + ["-m", "loom.executor.train", spec_path, *extra_args]
 
 
+def cuda_problem(spec: Spec) -> str | None:
+    """Why this machine cannot run the spec's GPUs (with the fix), or None when it can."""
+    if spec.gpu.device != "cuda":
+        return None
+    import torch
+    if not torch.cuda.is_available():
+        return (f"cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks. Fix: set "
+                'cluster.gpu = "cpu" (gloo processes, gpus_per_node = number of processes).')
+    if torch.cuda.device_count() < spec.cluster.gpus_per_node:
+        return (f"cluster.gpus_per_node = {spec.cluster.gpus_per_node} but this machine has "
+                f"{torch.cuda.device_count()} GPUs. Fix: set gpus_per_node to at most that.")
+    return None
+
+
 def run_from_cli(spec_path: str, steps: int | None = None, extra_args: Sequence[str] = ()) -> int:
     """Launch the spec's training run; returns the exit code (0 on success). Spec errors raise SpecError."""
     spec = load_spec(spec_path)
@@ -39,16 +53,9 @@ def run_from_cli(spec_path: str, steps: int | None = None, extra_args: Sequence[
         print(f"loom run: cluster.nodes = {spec.cluster.nodes}; start `loom run` on every node with "
               "LOOM_RDZV_ENDPOINT=<host:port of node 0> (see docs/executor.md, multi-node)", file=sys.stderr)
         return 2
-    if spec.gpu.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            print(f"loom run: cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks. Fix: set "
-                  'cluster.gpu = "cpu" (gloo processes, gpus_per_node = number of processes).', file=sys.stderr)
-            return 2
-        if torch.cuda.device_count() < spec.cluster.gpus_per_node:
-            print(f"loom run: cluster.gpus_per_node = {spec.cluster.gpus_per_node} but this machine has "
-                  f"{torch.cuda.device_count()} GPUs. Fix: set gpus_per_node to at most that.", file=sys.stderr)
-            return 2
+    if (problem := cuda_problem(spec)) is not None:
+        print(f"loom run: {problem}", file=sys.stderr)
+        return 2
     args = list(extra_args) + (["--steps", str(steps)] if steps else [])
     env = dict(os.environ)
     if spec.gpu.device == "cpu":      # share the cores between the CPU ranks instead of oversubscribing them

@@ -441,16 +441,10 @@ def verify_cli(args) -> int:
         print(f"loom verify: cluster.nodes = {spec.cluster.nodes}; verify runs on one machine. Fix: verify a "
               "one-node version of the plan (nodes = 1), or use `loom run` on every node", file=sys.stderr)
         return 2
-    if spec.gpu.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            print(f"loom verify: cluster.gpu = {spec.cluster.gpu!r} needs CUDA, which this machine lacks. Fix: "
-                  'set cluster.gpu = "cpu".', file=sys.stderr)
-            return 2
-        if torch.cuda.device_count() < spec.cluster.gpus_per_node:
-            print(f"loom verify: cluster.gpus_per_node = {spec.cluster.gpus_per_node} but this machine has "
-                  f"{torch.cuda.device_count()} GPUs. Fix: set gpus_per_node to at most that.", file=sys.stderr)
-            return 2
+    from loom.executor.launch import cuda_problem
+    if (problem := cuda_problem(spec)) is not None:
+        print(f"loom verify: {problem}", file=sys.stderr)
+        return 2
     steps = max(1, args.steps)
     try:
         measured = run_measurement(spec, args.file, steps)
