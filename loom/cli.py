@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from loom.spec import SpecError, load_spec
 from loom.spec.spec import Spec

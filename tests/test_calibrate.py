@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from loom.calibrate import (collective_steps, fit_alpha_beta, fit_attention, fit_collectives, fit_saturation,
-                            linear_fit, wire_bytes)
+from loom.calibrate import fit_collectives
+from loom.calibrate_fit import (collective_steps, fit_alpha_beta, fit_attention, fit_saturation, linear_fit,
+                                wire_bytes)
 
 
 def test_alpha_beta_fit_recovers_known_constants():
