@@ -12,19 +12,13 @@ from hypothesis import given, settings, strategies as st
 from loom.kernels import _dispatch, apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
 from loom.kernels import reference as ref
 
+from kernel_interpreter import triton_interpreter  # noqa: F401,E402  (autouse fixture: run this module in the interpreter)
+
 pytestmark = pytest.mark.skipif(not _dispatch.HAS_TRITON, reason="triton not importable")
 TOL = dict(atol=1e-5, rtol=1e-5)
 CE_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        mp.delenv("LOOM_KERNELS", raising=False)
-        mp.setattr(_dispatch, "_backend", None)
-        mp.setattr(_dispatch, "POISON_OUTPUTS", True)
-        yield
 
 
 def _grads(out, inputs, cot):
