@@ -124,7 +124,7 @@ def run_plain(spec, batches, steps: int, warmup: int, device) -> dict:
 
 def run_loom(spec, steps: int, warmup: int, device) -> tuple[dict, list]:
     from loom.executor.mesh import build_mesh
-    from loom.executor.train import Trainer
+    from loom.executor.trainer import Trainer
     tr = Trainer(spec, build_mesh(spec.plan, device.type), device, warmup + steps)
     times, losses, mems = [], [], []
     for i in range(warmup + steps):

@@ -238,7 +238,7 @@ def _trainer_driver(spec, mesh, device, steps: int, clock: Clock) -> _Run:
     On CUDA the Trainer runs with profile=True (a synchronize after each op), so that each op's end is the end of
     its GPU work; this removes overlap between consecutive ops."""
     from .model import Block
-    from .train import Trainer
+    from .trainer import Trainer
     trainer = Trainer(spec, mesh, device, steps, profile=device.type == "cuda")
     saved = SavedTensors(list(trainer.model.parameters()) + list(trainer.model.buffers()))
     saved.watch_blocks([mod for mod in trainer.model.modules() if isinstance(mod, Block)])

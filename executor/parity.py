@@ -21,7 +21,7 @@ from loom.spec import spec_from_dict
 
 from . import comm
 from .mesh import build_mesh
-from .train import Trainer
+from .trainer import Trainer
 
 
 def run_case(case: dict, out_dir: Path) -> dict:

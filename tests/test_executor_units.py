@@ -219,7 +219,7 @@ def test_data_and_run_tables_validate_with_named_fixes(tmp_path):
 
 def test_trainer_runs_the_plan_program_and_times_each_op():
     from loom.executor.mesh import build_mesh
-    from loom.executor.train import Trainer
+    from loom.executor.trainer import Trainer
     spec = spec_from_dict(_spec(training={"global_batch": 4, "micro_batch": 2, "precision": "fp32"}))
     tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=2, profile=True)
     s1 = tr.step()
@@ -255,7 +255,7 @@ def test_loss_scaling_skips_overflowing_steps_and_otherwise_matches_unscaled():
     """The fp16 machinery (exercised in fp32 on CPU): a scaled loss, unscaled gradients and the same update as
     without scaling; an overflow skips the step, leaves the parameters alone and halves the scale."""
     from loom.executor.mesh import build_mesh
-    from loom.executor.train import Trainer
+    from loom.executor.trainer import Trainer
     spec = spec_from_dict(_spec(training={"global_batch": 2, "precision": "fp32", "lr": 1e-2}))
     runs = []
     for scale in (None, 2.0 ** 10):

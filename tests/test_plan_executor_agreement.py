@@ -86,7 +86,7 @@ def _job(layouts: dict) -> dict:
 
     from loom.executor import comm
     from loom.executor.mesh import build_mesh
-    from loom.executor.train import Trainer
+    from loom.executor.trainer import Trainer
     from loom.spec import spec_from_dict
 
     out = {}
