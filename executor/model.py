@@ -22,16 +22,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from loom.spec import ModelSpec
+from loom.spec.units import padded_vocab
 
 from . import ops
 from .comm import SINGLE, Group
 from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp, mark,
                  vocab_parallel_cross_entropy)
-
-
-def padded_vocab(vocab: int, tp: int) -> int:
-    """Vocab rounded up to a multiple of tp (Megatron pads to 128·tp for kernel efficiency; here tp suffices)."""
-    return -(-vocab // tp) * tp
 
 
 @dataclass

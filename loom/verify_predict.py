@@ -22,10 +22,9 @@ Executor rules used (each from the named file):
 """
 from __future__ import annotations
 
-import math
 
 from loom.spec.compile import split_layers
-from loom.spec.units import Param, Unit, chunk_tensors
+from loom.spec.units import Param, Unit, chunk_tensors, padded_vocab
 from loom.spec.units import chunk_units as _units
 
 F32 = 4
@@ -202,8 +201,7 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
     loss_groups = [p.dp] if p.pp == 1 and p.cp == 1 else [p.dp * p.cp, p.pp]
     out["loss_report"] = sum(F32 for g in loss_groups if g > 1)
     if p.pp > 1 and m.tied_embeddings and (stage == 0 or stage == p.pp - 1):
-        vp = math.ceil(m.vocab / tp) * tp
-        out["tied_embedding_allreduce"] = vp // tp * m.hidden * gb
+        out["tied_embedding_allreduce"] = padded_vocab(m.vocab, tp) // tp * m.hidden * gb
     return out
 
 

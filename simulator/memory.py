@@ -29,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from loom.spec.compile import split_layers
+from loom.spec.units import padded_vocab
 from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
@@ -117,10 +118,6 @@ def optimizer_bytes(spec: Spec) -> int:
 
 
 # ---- parameters per GPU ----------------------------------------------------------------------------------
-def padded_vocab(m: ModelSpec, tp: int) -> int:
-    return math.ceil(m.vocab / tp) * tp
-
-
 def layer_params_per_gpu(m: ModelSpec, tp: int) -> int:
     """One layer's parameters on one TP rank: weights and column-parallel biases split, the rest replicated."""
     h, f, q, kv = m.hidden, m.ffn_hidden, m.q_dim, m.kv_dim
@@ -148,7 +145,7 @@ def stage_layers(m: ModelSpec, pp: int, stage: int, vpp: int = 1) -> int:
 def stage_params_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int, vpp: int = 1) -> int:
     """Parameters of pipeline stage `stage` on one TP rank, before any ZeRO sharding."""
     n = stage_layers(m, pp, stage, vpp) * layer_params_per_gpu(m, tp)
-    table = padded_vocab(m, tp) // tp * m.hidden                       # vocabulary-parallel embedding shard
+    table = padded_vocab(m.vocab, tp) // tp * m.hidden                 # vocabulary-parallel embedding shard
     if stage == 0:
         n += table + (m.seq_len * m.hidden if m.position == "learned" else 0)
     if stage == pp - 1:
@@ -160,7 +157,7 @@ def stage_params_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int, vpp: int = 
 
 def _units_per_gpu(m: ModelSpec, pp: int, tp: int, stage: int, vpp: int = 1) -> list[int]:
     """The separately gathered pieces under ZeRO-3 (FSDP wraps each layer, the embedding and the head)."""
-    table = padded_vocab(m, tp) // tp * m.hidden
+    table = padded_vocab(m.vocab, tp) // tp * m.hidden
     units = [layer_params_per_gpu(m, tp)] if stage_layers(m, pp, stage, vpp) else []
     if stage == 0:
         units.append(table + (m.seq_len * m.hidden if m.position == "learned" else 0))
@@ -219,7 +216,7 @@ def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int) -> t
     backward the gradient of the log-probs and the gradient of the fp32 logits, 4·sb·v each, coexist with the
     saved log-probs. Megatron's fused vocab-parallel cross-entropy needs less; Loom states the larger figure.
     """
-    v = padded_vocab(m, tp) / tp
+    v = padded_vocab(m.vocab, tp) / tp
     saved = 2 * act * tokens * m.hidden / (tp if sp else 1) + FP32 * tokens * v
     transient = 2 * FP32 * tokens * v
     return saved, transient

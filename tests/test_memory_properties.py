@@ -13,7 +13,8 @@ import json
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from loom.simulator.memory import memory_report, padded_vocab, param_bytes
+from loom.simulator.memory import memory_report, param_bytes
+from loom.spec.units import padded_vocab
 from loom.spec import Spec, spec_from_dict
 from loom.spec.strategies import valid_spec_dicts, valid_specs
 
@@ -148,7 +149,7 @@ def test_parameters_summed_over_all_ranks(spec):
     replicated = m.layers * (2 * m.norm_params() + (2 * h if m.bias else 0)) + m.norm_params() \
         + (m.seq_len * h if m.position == "learned" else 0)
     tables = 1 + (1 if (not m.tied_embeddings or p.pp > 1) else 0)
-    pad = (padded_vocab(m, p.tp) - m.vocab) * h * tables
+    pad = (padded_vocab(m.vocab, p.tp) - m.vocab) * h * tables
     tied_copy = m.vocab * h if (m.tied_embeddings and p.pp > 1) else 0
     per_replica = m.param_count() + (p.tp - 1) * replicated + pad + tied_copy
 
