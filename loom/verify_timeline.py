@@ -2,17 +2,7 @@
 exposed communication per mesh dim computed from them by the simulator's definitions (loom.simulator.timing)."""
 from __future__ import annotations
 
-# ---- measured timeline ------------------------------------------------------------------------------------------
-def _merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for a, b in sorted(iv):
-        if b <= a:
-            continue
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
+from loom.simulator.timing import merge_intervals as _merge
 
 
 def _subtract(iv: list[tuple[float, float]], cut: list[tuple[float, float]]) -> list[tuple[float, float]]:

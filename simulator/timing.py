@@ -96,16 +96,19 @@ def bubble_fraction(lines: dict[str, list[Slice]], durations: list[float]) -> fl
         # Busy: its own forward/backward/recompute and TP collectives, and any non-pipeline collective in flight
         # (CP exchanges, ZeRO gathers, DP buckets queued ahead of them on the comm stream): waiting on those is
         # exposed communication, reported separately. What is left is waiting on the pipeline.
-        busy = _merge([(s.end_s - durations[s.op.id], s.end_s) for s in sl
+        busy = merge_intervals([(s.end_s - durations[s.op.id], s.end_s) for s in sl
                        if s.op.kind in _BUSY or (s.op.group is not None and s.op.group != "pp")])
         covered = sum(min(b, pipe_end) - a for a, b in busy if a < pipe_end)
         fracs.append(max(0.0, pipe_end - covered) / pipe_end)
     return sum(fracs) / len(fracs)
 
 
-def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted disjoint union of (start, end) intervals; empty ones dropped (they cover nothing)."""
     out: list[tuple[float, float]] = []
     for a, b in sorted(intervals):
+        if b <= a:
+            continue
         if out and a <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
@@ -116,7 +119,7 @@ def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def exposed_comm(line: list[Slice], durations: list[float]) -> dict[str, float]:
     """Per mesh dim, the part of each comm op's interval with no compute op running on this class."""
     # A compute op stretched by a pipelined dependency (tail) waits at its start: its work is the last `dur` s.
-    busy = _merge([(s.end_s - durations[s.op.id], s.end_s) for s in line if s.op.kind in _COMPUTE])
+    busy = merge_intervals([(s.end_s - durations[s.op.id], s.end_s) for s in line if s.op.kind in _COMPUTE])
     starts = [x for x, _ in busy]
     out = {"tp": 0.0, "cp": 0.0, "pp": 0.0, "dp": 0.0}
     for s in line:
