@@ -15,8 +15,9 @@ same fixed rules (no per-run tuning) and its predicted per-GPU peak is compared 
   stated by the source).
 - training: bf16 with fp32 gradient reduction (torchtitan's FSDP2 mixed precision: reduce_dtype fp32). Runs
   with Float8 linears are modelled as bf16 (float8 keeps bf16 weights; the measured peaks of bf16 and float8
-  variants differ by under 1 %). Recompute "full" maps to Loom's full, torchtitan's per-op SAC to Loom's
-  "selective" (Korthikanti's): the nearest policy Loom has, but not the same one (see the printed summary).
+  variants differ by under 1 %). The recompute the source states maps by one rule (`recompute_for`): "full"
+  to Loom's full, torchtitan's per-op selective AC ("per-op SAC") to Loom's "op" (the same policy:
+  simulator/activations.py op_layer_bytes), any other "selective" to Loom's selective, nothing to none.
 - GPU: the run's memory size (H100 96 GB variant, H200 141 GB); only `fits` depends on it.
 
 Run: `python benchmarks/memory_accuracy.py` (prints a table, the median and p90 absolute error).
@@ -56,6 +57,17 @@ def _hbm_GiB(gpu: str) -> float:
     return 80.0
 
 
+def recompute_for(stated: str | None) -> str:
+    """Loom's recompute policy for the one a source states (the rule for every run, shared with sim_accuracy.py):
+    torchtitan's per-op selective AC is Loom's "op"; other selective AC is Loom's (Korthikanti) selective."""
+    v = (stated or "").lower()
+    if "full" in v:
+        return "full"
+    if "per-op" in v:
+        return "op"
+    return "selective" if "selective" in v else "none"
+
+
 def spec_dict_for_run(run: dict) -> dict:
     """The Loom spec (as a dict) for one published run, by the fixed rules in the module docstring."""
     md, par, batch = run["model"], run["parallel"], run["batch"]
@@ -67,8 +79,7 @@ def spec_dict_for_run(run: dict) -> dict:
     # torchtitan at the source's version (Jan 2025): without pipelining the whole local batch is one micro-batch;
     # with pipelining the local batch is split into pp micro-batches unless the config says otherwise.
     micro = batch.get("micro_batch") or (max(1, local // pp) if pp > 1 else local)
-    recompute = "full" if "full" in (par.get("recompute") or "") else \
-        "selective" if "selective" in (par.get("recompute") or "") else "none"
+    recompute = recompute_for(par.get("recompute"))
     world = run["num_gpus"]
     gpn = run["gpus_per_node"]
     return {
@@ -116,7 +127,7 @@ def main() -> int:
     for r in rows:
         print(f"{r.run_id:48s} {r.recompute:9s} {r.predicted_GiB:9.1f} {r.measured_GiB:9.1f} {r.error:+7.1%}")
     groups = {"all": rows, "full recompute": [r for r in rows if r.recompute == "full"],
-              "per-op SAC (as Loom selective)": [r for r in rows if r.recompute == "selective"]}
+              "per-op SAC (Loom op)": [r for r in rows if r.recompute == "op"]}
     for name, group in groups.items():
         if group:
             s = summary(group)

@@ -97,6 +97,41 @@ def layer_terms(m: ModelSpec, tokens: float, act_bytes: int, a: ActivationAssump
     return LayerActivations(replicated, sharded, core)
 
 
+def op_layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool) -> float:
+    """Bytes one layer keeps under per-op selective recompute ("op", torchtitan's
+    `activation_checkpoint.selective_ac_option = "op"`), for `tokens` tokens of one micro-batch on one GPU.
+
+    torchtitan/models/llama3/infra/parallelize.py (@42b0beb, June 2025; the same rule as
+    torchtitan/parallelisms/parallelize_llama.py @d4c86e37, Jan 2025) checkpoints each transformer block with
+    torch.utils.checkpoint's selective policy: the outputs of the ops in `_save_list` are MUST_SAVE, everything
+    else PREFER_RECOMPUTE, except that only every second aten.mm is saved (a per-block counter; the 1st, 3rd,
+    5th, ... mm are kept). What the block then holds from its forward until its backward:
+      - its input, kept by the checkpoint for the recompute         act·T·h   (/tp under SP)
+      - outputs of matmuls 1, 3, 5, 7 in forward order (ModelSpec.layer_matmuls): Q and V (column-parallel:
+        act·T·q_dim/tp, act·T·kv_dim/tp), the MLP's first linear (gate for SwiGLU, up for GELU: act·T·f/tp)
+        and, for SwiGLU, the down projection (row-parallel: its (T, h) partial sum before the TP reduction,
+        act·T·h, not divided by tp)
+      - the attention kernel's outputs (SDPA flash/efficient attention is in the save list): out act·T·q_dim/tp
+        and the fp32 log-sum-exp 4·T·heads/tp
+    Not counted: aten.max outputs (float8 amax scalars: a few bytes; abs, full-size, was in the list until
+    torchtitan #820, Feb 2025, and Loom models float8 runs as bf16) and, with SP, the reduce_scatter outputs
+    torchtitan also saves (act·T·h/tp per row-parallel linear): Loom's policy recomputes collectives (executor
+    sac.py), and no torchtitan run it is checked against uses SP with this policy.
+    Everything else (norms, RoPE, the activation function, K, the output projection, up) is rebuilt in the
+    backward: see `op_recompute_bytes` for that transient."""
+    e, h, T = act_bytes, m.hidden, tokens
+    mms = m.layer_matmuls()
+    # Row-parallel under TP: the output projection and the MLP's last linear; their output is the full (T, h)
+    # partial sum before the TP reduction (or SP reduce-scatter). The others are column-parallel (width / tp).
+    row_parallel = {3, len(mms) - 1}
+    kept = e * T * h / (tp if sp else 1)                                   # the block's input
+    for j, (_, out) in enumerate(mms):
+        if j % 2 == 0:                                                     # the 1st, 3rd, 5th, 7th matmul
+            kept += e * T * out / (1 if j in row_parallel else tp)
+    kept += (e * T * m.q_dim + FP32 * T * m.heads) / tp                    # attention out and log-sum-exp
+    return kept
+
+
 def layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool, recompute: str,
                 a: ActivationAssumptions = DEFAULT) -> float:
     """Bytes one layer keeps between its forward and its backward, for one micro-batch, on one GPU.
@@ -107,7 +142,10 @@ def layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool, 
       from Q, K, V, O and the LSE, so selective recompute only drops the LSE (a few bytes per token).
     - "full" (Korthikanti §4.2, Table 2 last row): only the layer input, 2·sbh, divided by tp under sequence
       parallelism (Megatron keeps the SP-sharded input and all-gathers it again for the recompute).
+    - "op" (torchtitan's per-op selective AC): `op_layer_bytes`.
     """
+    if recompute == "op":
+        return op_layer_bytes(m, tokens, act_bytes, tp, sp)
     terms = layer_terms(m, tokens, act_bytes, a)
     if recompute == "full":
         return act_bytes * tokens * m.hidden / (tp if sp else 1)
@@ -121,6 +159,13 @@ def full_layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: b
     """One layer's complete saved set for one micro-batch: what is live while a fully recomputed layer runs
     its backward (the recompute rebuilds it, then the backward consumes it)."""
     return layer_terms(m, tokens, act_bytes, a).total(tp, sp)
+
+
+def op_recompute_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool,
+                       a: ActivationAssumptions = DEFAULT) -> float:
+    """The transient of a per-op recomputed layer's backward: the recompute rebuilds the layer's complete saved
+    set (`full_layer_bytes`), of which the kept part (`op_layer_bytes`) is already held."""
+    return max(0.0, full_layer_bytes(m, tokens, act_bytes, tp, sp, a) - op_layer_bytes(m, tokens, act_bytes, tp, sp))
 
 
 # ---- pipeline: micro-batches in flight ------------------------------------------------------------------

@@ -121,6 +121,8 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     t_b = dur(OpKind.BACKWARD, flops=2 * f, attn_flops=2 * fa, mem_bytes=2 * fm, layers=lay)
     if t.recompute == "full":
         t_r = dur(OpKind.RECOMPUTE, flops=f, attn_flops=fa, mem_bytes=fm, layers=lay)
+    elif t.recompute == "op":          # per-op: the unsaved matmuls and the memory-bound work (compile_plan)
+        t_r = dur(OpKind.RECOMPUTE, flops=toks * n * sh.op_f, attn_flops=0.0, mem_bytes=fm, layers=lay)
     elif t.recompute == "selective":
         t_r = dur(OpKind.RECOMPUTE, flops=fa, attn_flops=fa, layers=lay)
     else:
@@ -138,7 +140,7 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
             t_tp_pass += dur(k, group="tp", group_size=p.tp, count=2 * n, msg_bytes=sh.act_msg,
                                  wire_bytes=_ring(k, p.tp, sh.act_msg) * 2 * n)
     # full recompute reruns a layer up to torch checkpoint's early stop: 1 of 2 all-reduces (SP: 3 of 4 calls)
-    tp_passes = 2 + ((0.75 if p.sp else 0.5) if t.recompute == "full" else 0)
+    tp_passes = 2 + ((0.75 if p.sp else 0.5) if t.recompute in ("full", "op") else 0)
 
     # ---- the comm stream: CP exchanges, ZeRO-3 gathers, DP buckets -----------------------------------------
     # compile_plan puts all three on one in-order "comm" stream. Compute waits for the CP blocks (an op may start

@@ -4,14 +4,15 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
 - FORWARD of a chunk of n layers: n·(2·P_layer_matmul + attention core) FLOPs per token (ModelSpec, Narayanan et al.
   2021 §5.1), plus the LM head 2·V·h on the last virtual stage; divided by t·c (TP shards every matmul, CP the
   tokens; zigzag CP balances causal attention). BACKWARD = 2 × FORWARD. RECOMPUTE: full reruns the layers' forward,
-  selective the attention core (Korthikanti et al. 2022 §4.2) - the same accounting as train_flops_per_token.
+  selective the attention core (Korthikanti et al. 2022 §4.2), op (torchtitan's per-op selective AC) the unsaved
+  matmuls (every second one) and all memory-bound work - the same accounting as train_flops_per_token.
 - TP (Megatron-LM, Shoeybi et al. 2019 §3): per layer 2 all-reduces of b·(s/c)·h in the forward (after attention
   and MLP) and 2 in the backward; with sequence parallel each becomes an all-gather + reduce-scatter pair
   (Korthikanti et al. 2022 §4.2.2), i.e. 2 AG + 2 RS per layer per pass. Plus what the executor issues around
   the layers: the vocab-parallel embedding's reduction (forward; SP: reduce-scatter forward, all-gather backward),
   the LM head input's entry (backward all-reduce; SP: all-gather forward, reduce-scatter backward) and the
-  vocab-parallel cross-entropy's 3 all-reduces of one fp32 per token. Full recompute repeats the forward's up to
-  torch checkpoint's early stop: 1 all-reduce per layer (SP: 2 AG + 1 RS).
+  vocab-parallel cross-entropy's 3 all-reduces of one fp32 per token. Full and op recompute repeat the forward's
+  up to torch checkpoint's early stop: 1 all-reduce per layer (SP: 2 AG + 1 RS).
 - CP ring attention (Liu et al. 2023, Ring Attention; Megatron-LM/TransformerEngine p2p CP): c-1 steps per layer,
   each sending this rank's K and V block, b·(s/c)·2·kv_dim/t elements; the backward sends the K/V blocks again
   and c-1 dK/dV blocks, in fp32 (the accumulator's precision). Any recompute reruns attention, hence its exchange.
@@ -107,6 +108,7 @@ class _Shapes:
             self.layer_mem += cast_in * (2 * self.ab + 1)
         # Cross-entropy over vocab-parallel logits: write logits, then ~3 fp32 passes (max, exp-sum, grad).
         self.head_mem = m.vocab / p.tp * (self.ab + 12)
+        self.op_f = m.op_recompute_flops_per_token()              # per-op recompute: the unsaved matmuls
         self.act_msg = self.tokens / p.cp * h * self.ab           # one full activation of this CP rank
         self.kv_msg = self.tokens / p.cp * 2 * m.kv_dim / p.tp * self.ab
         # Ring attention's backward passes the dK/dV accumulator on in fp32 (the precision of the cp-1 partial
@@ -288,8 +290,8 @@ def compile_plan(spec) -> Plan:
                 if kind == OpKind.BACKWARD:
                     return [(OpKind.SP_ALLGATHER, 2 * n + fst, act), (OpKind.SP_REDUCESCATTER, 2 * n + lst, act)] \
                         if par.sp else [(OpKind.TP_ALLREDUCE, 2 * n + lst, act)]
-                if recompute != "full":
-                    return []
+                if recompute not in ("full", "op"):        # op: the same early stop (the down projection's
+                    return []                              # input is the last tensor rebuilt)
                 return [(OpKind.SP_ALLGATHER, 2 * n, act), (OpKind.SP_REDUCESCATTER, n, act)] if par.sp \
                     else [(OpKind.TP_ALLREDUCE, n, act)]
 
@@ -326,6 +328,8 @@ def compile_plan(spec) -> Plan:
                 if recompute != "none" and n > 0:
                     if recompute == "full":
                         r = (toks * n * (sh.layer_f + sh.attn_f), f_attn, sh.tokens / sh.cp * n * sh.layer_mem)
+                    elif recompute == "op":                # unsaved matmuls + all memory-bound work
+                        r = (toks * n * sh.op_f, 0.0, sh.tokens / sh.cp * n * sh.layer_mem)
                     else:
                         r = (toks * n * sh.attn_f, f_attn, 0.0)
                     compute(OpKind.RECOMPUTE, *r, kv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 
 from .compile import split_layers
+from .errors import SpecError, SpecIssue
 from .export import LR_STYLE, _check_plan, _train_iters, _uneven_matches, _weighted_split
 from .model import ModelSpec
 from .spec import Spec
@@ -31,6 +32,12 @@ def megatron_args(spec: Spec) -> tuple[list[str], list[str]]:
     """(arguments, notes): the argv for Megatron-LM's pretrain_gpt.py and what could not be mapped exactly."""
     _check_plan(spec, "Megatron-LM")
     m, t, p = spec.model, spec.training, spec.plan
+    if t.recompute == "op":
+        # Megatron-LM's selective recompute picks modules (--recompute-modules core_attn, mlp, layernorm, ...),
+        # not every other matmul: there is no equivalent of torchtitan's per-op policy.
+        raise SpecError([SpecIssue("training.recompute", "op",
+                                   "Megatron-LM has no per-op selective recompute (torchtitan's policy).",
+                                   'use recompute = "selective" or "full" for a Megatron-LM export.')])
     a: list[str] = []
     notes: list[str] = []
 

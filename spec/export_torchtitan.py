@@ -156,10 +156,12 @@ def torchtitan_config(spec: Spec) -> tuple[dict[str, dict[str, object]], str, li
         "lr_scheduler": sched,
         "training": training,
         "parallelism": par,
-        # Loom's selective recompute reruns the attention core (Korthikanti et al. 2022 §4.2); torchtitan's
-        # per-op selective AC ("op") saves matmul outputs and recomputes the rest: the closest match.
-        "activation_checkpoint": dict(mode=t.recompute, **({"selective_ac_option": "op"}
-                                                           if t.recompute == "selective" else {})),
+        # Loom's "op" is torchtitan's per-op selective AC exactly (torchtitan/models/llama3/infra/parallelize.py
+        # _save_list). Loom's selective recompute reruns the attention core (Korthikanti et al. 2022 §4.2), which
+        # torchtitan has no mode for; its per-op AC is the closest match.
+        "activation_checkpoint": dict(mode="selective" if t.recompute == "op" else t.recompute,
+                                      **({"selective_ac_option": "op"}
+                                         if t.recompute in ("selective", "op") else {})),
         "debug": dict(seed=t.seed),
     }
     return tables, args, notes

@@ -89,6 +89,14 @@ class ModelSpec(BaseModel):
         h, f = self.hidden, self.ffn_hidden
         return h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h + (3 if self.gated else 2) * h * f
 
+    def layer_matmuls(self) -> list[tuple[int, int]]:
+        """(in, out) widths of one layer's matmuls in the order its forward runs them: Q, K, V, output projection,
+        then gate, up, down (SwiGLU; torchtitan's w1, w3, w2) or up, down (GELU). Per-op recompute ("op") saves
+        the outputs of the 1st, 3rd, 5th, ... of these and recomputes the others."""
+        h, f, q, kv = self.hidden, self.ffn_hidden, self.q_dim, self.kv_dim
+        mlp = [(h, f), (h, f), (f, h)] if self.gated else [(h, f), (f, h)]
+        return [(h, q), (h, kv), (h, kv), (q, h)] + mlp
+
     def embedding_params(self) -> int:
         """Input token embedding plus learned position embedding (if any)."""
         return self.vocab * self.hidden + (self.seq_len * self.hidden if self.position == "learned" else 0)
@@ -123,14 +131,22 @@ class ModelSpec(BaseModel):
         """Forward + backward (2x forward) + what recompute runs again.
 
         Full recompute reruns each layer's forward (not the head); selective reruns the attention core only
-        (Korthikanti et al. 2022 §4.2)."""
+        (Korthikanti et al. 2022 §4.2); per-op ("op") reruns the matmuls whose outputs it does not save (every
+        second one: K, output projection, up or down) and not the attention core, whose outputs it saves
+        (torchtitan/models/llama3/infra/parallelize.py _save_list, the "every second mm" rule)."""
         fwd = self.forward_flops_per_token(causal)
         extra = 0.0
         if recompute == "full":
             extra = fwd - 2.0 * self.vocab * self.hidden
         elif recompute == "selective":
             extra = self.layers * self.attention_core_flops_per_token(causal)
+        elif recompute == "op":
+            extra = self.layers * self.op_recompute_flops_per_token()
         return 3.0 * fwd + extra
+
+    def op_recompute_flops_per_token(self) -> float:
+        """Matmul FLOPs per token one layer reruns under per-op recompute: the 2nd, 4th, ... matmuls."""
+        return sum(2.0 * i * o for i, o in self.layer_matmuls()[1::2])
 
     def model_flops_per_token(self) -> float:
         """FLOPs per token for MFU, in the PaLM convention (Chowdhery et al. 2022, App. B): 6·N + 12·L·q_dim·s,

@@ -71,7 +71,12 @@ class TrainingSpec(BaseModel):
     precision: Precision = "bf16"                   # mixed precision keeps fp32 master weights
     grad_dtype: Literal["fp32", "bf16"] = "fp32"    # gradient accumulation/reduction buffers (Megatron: fp32)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    recompute: Literal["none", "selective", "full"] = "selective"
+    # Activation recomputation: "none"; "selective" = Korthikanti et al. 2022 §4.2 (recompute the attention core);
+    # "op" = torchtitan's per-op selective AC (activation_checkpoint.mode = "selective", selective_ac_option =
+    # "op"): each layer keeps its input, the outputs of every other matmul (1st, 3rd, ...: Q, V, gate/up-in, down
+    # projections) and the attention kernel's outputs (out, log-sum-exp), and recomputes the rest in the backward;
+    # "full" = keep only each layer's input (Chen et al. 2016). Memory: simulator/activations.py.
+    recompute: Literal["none", "selective", "op", "full"] = "selective"
     tokens: PositiveFloat | None = None             # total training tokens, for time and cost to train
     lr: PositiveFloat = 3e-4
     min_lr: float = Field(default=3e-5, ge=0)

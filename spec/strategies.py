@@ -125,7 +125,8 @@ def valid_spec_dicts(draw) -> dict:
         "global_batch": plan["dp"] * micro_batch * steps, "micro_batch": micro_batch, "precision": precision,
         "grad_dtype": draw(st.sampled_from(["fp32", "bf16"])),
         "optimizer": draw(st.sampled_from(["adamw", "adam", "sgd"])),
-        "recompute": draw(st.sampled_from(["none", "selective", "full"])),
+        # "op" (per-op selective AC) is valid with cp = 1 only (spec/validate.py)
+        "recompute": draw(st.sampled_from(["none", "selective", "full"] + (["op"] if plan["cp"] == 1 else []))),
     }
     return {"model": model, "cluster": cluster, "training": training, "parallel": plan}
 

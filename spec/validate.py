@@ -14,6 +14,8 @@ Rules and why:
 - interleaved needs vpp > 1 and, as Megatron-LM requires, micro-batches per step divisible by pp;
   afab/1f1b take vpp = 1.
 - fp8 only on GPUs with FP8 tensor cores; the CPU target trains in fp32.
+- recompute = "op" (per-op selective AC) needs cp = 1: the policy saves the attention kernel's outputs, and the
+  executor's ring attention (cp > 1) is not one op the policy can save (it would be recomputed, with its K/V ring).
 """
 from __future__ import annotations
 
@@ -119,6 +121,11 @@ def check_parallel(spec: Spec) -> list[SpecIssue]:
     elif p.vpp != 1:
         issues.append(SpecIssue("parallel.vpp", p.vpp, f"vpp > 1 only applies to schedule = \"interleaved\".",
                                 "set vpp = 1, or schedule = \"interleaved\"."))
+    if t.recompute == "op" and p.cp > 1:
+        issues.append(SpecIssue("training.recompute", "op",
+                                f"per-op selective recompute saves the attention kernel's outputs; with cp = {p.cp} "
+                                "attention is Loom's ring attention, which that policy cannot save.",
+                                'use recompute = "full" or "selective" with cp > 1, or cp = 1.'))
     if sorted(p.mesh) != sorted(MESH_DIMS):
         issues.append(SpecIssue("parallel.mesh", list(p.mesh), "must name each of pp, dp, cp, tp exactly once.",
                                 'use mesh = ["pp", "dp", "cp", "tp"] (outermost first; tp innermost keeps TP in a node).'))
