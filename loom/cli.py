@@ -13,6 +13,7 @@ from loom.spec import SpecError, load_spec
 from loom.spec.spec import Spec
 
 EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3     # the report is printed (it shows why); the error block names the fix
 
 
 def _print_errors(path: str, err: SpecError) -> int:
@@ -79,6 +80,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if chosen:
             print(chosen)
         print(format_report(spec, report))
+    if "fit_advice" in report:
+        if not args.json:
+            from loom.report import format_fit_advice
+            print(format_fit_advice(report), file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     return 0
 
 

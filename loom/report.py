@@ -30,6 +30,8 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
         "tokens_per_step": spec.tokens_per_step,
         "memory": mem.to_dict(),
     }
+    if not mem.fits:
+        out["fit_advice"] = _fit_advice(spec)
     profile = None
     if profile_path:
         from loom.simulator.hardware import HardwareProfile
@@ -47,6 +49,42 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
             plot_schedule(timing, plot_path)
             out["plot"] = plot_path
     return out
+
+
+def _fit_advice(spec: Spec) -> dict[str, Any]:
+    from dataclasses import asdict
+    from loom.simulator.fit_advice import advise
+    a = advise(spec)
+    return {"states_floor_bytes": a.states_floor_bytes, "any_plan_can_fit": a.any_plan_can_fit,
+            "alternatives": [asdict(x) for x in a.alternatives]}
+
+
+def _changes(changes: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in changes.items())
+
+
+def format_fit_advice(r: dict[str, Any]) -> str:
+    """The error block for a plan that does not fit: which fields to change, or why no plan on this cluster can."""
+    adv, mem = r["fit_advice"], r["memory"]
+    short = gib(mem["peak_bytes"] - mem["hbm_bytes"])
+    lines = [f"error: the plan does not fit: peak {gib(mem['peak_bytes'])} GiB per GPU, {short} GiB over the "
+             f"{gib(mem['hbm_bytes'])} GiB of a {mem['gpu']}."]
+    if adv["alternatives"]:
+        lines.append("Fix: change the spec to one of these (nearest plans that fit, fastest first):")
+        for a in adv["alternatives"]:
+            lines.append(f"  - {_changes(a['changes'])}: peak {gib(a['peak_bytes'])} GiB, step "
+                         f"{duration(a['step_time_s'])}, MFU {100 * a['mfu']:.1f} %")
+        lines.append("  or run `loom search` on this file for the best plan overall.")
+    elif adv["any_plan_can_fit"]:
+        lines.append("Fix: no plan within two changes of this one fits; run `loom search` on this file (or set "
+                     "parallel = \"auto\") to find one that does.")
+    else:
+        n = r["params"]
+        lines.append(f"Fix: no plan on {r['gpus']} GPUs can fit: the parameters, gradients and optimizer states of "
+                     f"{human_count(n)} parameters alone need {gib(adv['states_floor_bytes'])} GiB per GPU even "
+                     f"sharded over all {r['gpus']} GPUs. Add GPUs (cluster.nodes), use a GPU with more memory "
+                     "(cluster.gpu), or train a smaller model.")
+    return "\n".join(lines)
 
 
 def format_report(spec: Spec, r: dict[str, Any]) -> str:

@@ -113,11 +113,12 @@ def spec_from_dict(data: dict) -> Spec:
     return spec
 
 
-def parse_spec(text: str) -> Spec:
+def parse_spec(text: str, source: str = "<text>") -> Spec:
+    """`source` names the input in errors (the file's path when called from load_spec)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError([SpecIssue("file", None, f"not valid TOML: {exc}.",
+        raise SpecError([SpecIssue("file", source, f"not valid TOML: {exc}.",
                                    "fix the syntax at that line (tables in [brackets], key = value).")]) from None
     return spec_from_dict(data)
 
@@ -131,4 +132,4 @@ def load_spec(path: str | Path) -> Spec:
                                    "check the path.")]) from None
     except UnicodeDecodeError:
         raise SpecError([SpecIssue("file", str(p), "is not UTF-8 text.", "give a TOML spec file.")]) from None
-    return parse_spec(text)
+    return parse_spec(text, str(p))
