@@ -13,8 +13,18 @@ parameter sizes that do not divide dp are handled. Rank r of the DP group owns s
 - zero 2: as zero 1, but reduced after every micro-batch into the shard, and the full gradient buffer is freed
   once reduced (P_os+g); it exists only during one micro-batch's backward (DeepSpeed ZeRO-2; the plan IR too).
 - zero 3: units are layers (plus one root unit: embedding, final norm, head). A layer's parameters are all-gathered
-  just before its forward and freed after it, gathered again when its output's gradient arrives, and freed again
-  with its gradients reduce-scattered every micro-batch (P_os+g+p; FSDP's storage-resize scheme).
+  before its forward and freed after it, gathered again when its output's gradient arrives, and freed again
+  with its gradients reduce-scattered every micro-batch (P_os+g+p; FSDP's storage-resize scheme). Prefetch: when
+  layer i's gather is done, layer i+1's (forward) or i-1's (backward) is issued asynchronously, so it travels
+  while layer i computes (FSDP's forward_prefetch / BACKWARD_PRE; the plan's one-op-ahead gather edge); at most
+  one unit beyond the one in use is in flight or gathered early.
+Parameter precision (`param_dtype`, the training precision): with ZeRO >= 1 over more than one rank in bf16/fp16
+the gathers move bf16/fp16 values (the plan's parameter bytes; Megatron-LM's distributed optimizer gathers its
+bf16 parameters): each rank keeps its fp32 master shard apart and the parameter buffer holds the rounded values
+of every shard, its own included, from the start, so every replica computes with the same weights. The matmul
+weights and the embedding give bit-identical forwards (autocast, and model.amp_cast at the embedding output,
+round them to the same values anyway); the norms, row-parallel biases and learned positions see the rounded
+values, as Megatron's bf16 parameters are. ZeRO-0 keeps fp32 parameters, which are the master (no extra copy).
 Gradient accumulation: zero 0-1 communicate only after the last micro-batch (DDP's no_sync()); zero 2-3 after
 each, accumulating into the reduced shard - unless `every_micro_batch=False` (the plan's rule under pipeline
 parallelism, torchtitan's FSDP under PP): then zero 2-3 also accumulate full gradients and reduce once, after the
@@ -49,6 +59,7 @@ class Unit:
     gathered: bool = True
     in_backward: bool = False
     pending: list = field(default_factory=list)
+    inflight: tuple | None = None       # zero 3: an issued, not yet waited parameter gather (work, buffers)
     sp_params: list[tuple[int, int]] = field(default_factory=list)   # (offset, numel) of grads to sum over TP
 
 
@@ -66,12 +77,16 @@ def _alloc(t: torch.Tensor) -> None:
 class DataParallel:
     def __init__(self, model: nn.Module, dp: Group, tp: Group, zero: int, bucket_MB: float,
                  grad_dtype: torch.dtype = torch.float32, layer_units: list[nn.Module] | None = None,
-                 every_micro_batch: bool = True):
+                 every_micro_batch: bool = True, param_dtype: torch.dtype = torch.float32, prefetch: bool = True):
         self.model, self.dp, self.tp, self.zero = model, dp, tp, zero
         # zero >= 2: reduce-scatter after every micro-batch (and ZeRO-3: re-gather around every forward/backward);
         # False: once per step, keeping full gradients (and ZeRO-3 parameters) for the step (spec/compile.py, PP).
         self.per_micro_batch = zero >= 2 and every_micro_batch
         self.grad_dtype = grad_dtype
+        # the dtype the parameter gathers move: the training precision when ZeRO shards the parameters' updates
+        self.gather_dtype = param_dtype if zero >= 1 and dp.active else torch.float32
+        self.lowp = self.gather_dtype != torch.float32
+        self.prefetch = prefetch
         self.sync_now = True
         params = list(dict.fromkeys(model.parameters()))
         if zero == 3:
@@ -96,7 +111,7 @@ class DataParallel:
             p.register_post_accumulate_grad_hook(self._on_grad)
         if zero == 3:
             for m, u in zip(reversed(layer_units), self.units):
-                m.register_forward_pre_hook(lambda mod, args, u=u: self._gather(u))
+                m.register_forward_pre_hook(lambda mod, args, u=u: self._before_forward(u))
                 m.register_forward_hook(lambda mod, args, out, u=u: self._after_forward(u, out))
             self.root = self.units[-1]
             for u in self.units:
@@ -124,27 +139,59 @@ class DataParallel:
             off += k
         per = padded // dp
         mine = slice(self.dp.rank * per, (self.dp.rank + 1) * per)
-        shard_param = flat[mine].clone() if self.zero == 3 and self.dp.active else flat[mine]
+        # its own tensor when the buffer is released (zero 3) or holds rounded values (low-precision gathers)
+        shard_param = flat[mine].clone() if (self.zero == 3 or self.lowp) and self.dp.active else flat[mine]
+        if self.lowp:
+            flat.copy_(flat.to(self.gather_dtype))      # parameters = rounded master, as after every gather
         grad = torch.zeros(padded, dtype=self.grad_dtype, device=dev)
         shard_grad = torch.zeros(per, dtype=torch.float32, device=dev) if self.zero >= 1 else None
         return Unit(params, offsets, padded, flat, grad, shard_param, shard_grad, decay[mine].clone(),
                     count[mine].clone(), index, sp_params=sp)
 
     # ---- zero 3 parameter gathering ----------------------------------------------------------------------
-    def _gather(self, u: Unit) -> None:
-        if u.gathered:
-            return
+    def _issue(self, u: Unit) -> None:
+        """Start gathering u's parameters into its buffer (async); `_gather` waits for it."""
         _alloc(u.flat)
         tag = comm.LOG.tag
         comm.LOG.tag = f"{tag}>zero_allgather:u{u.index}"
-        comm.all_gather(u.flat, u.shard_param, self.dp)
+        if self.lowp:                                   # gather the rounded shards, widen into the fp32 buffer
+            src = u.shard_param.to(self.gather_dtype)
+            buf = torch.empty(u.numel, dtype=self.gather_dtype, device=u.flat.device)
+            u.inflight = (comm.all_gather(buf, src, self.dp, async_op=True), src, buf)
+        else:
+            u.inflight = (comm.all_gather(u.flat, u.shard_param, self.dp, async_op=True), None, None)
         comm.LOG.tag = tag
+
+    def _gather(self, u: Unit) -> None:
+        if u.gathered:
+            return
+        if u.inflight is None:
+            self._issue(u)
+        work, _, buf = u.inflight
+        work.wait()
+        if buf is not None:
+            u.flat.copy_(buf)
+        u.inflight = None
         u.gathered = True
 
+    def _prefetch(self, index: int) -> None:
+        """Issue the gather of layer unit `index` (if it is one and is neither gathered nor in flight)."""
+        if self.prefetch and 0 <= index < len(self.units) - 1:
+            u = self.units[index]
+            if not u.gathered and u.inflight is None:
+                self._issue(u)
+
     def _release(self, u: Unit) -> None:
-        if self.zero == 3 and u.gathered and self.dp.active:
+        if self.zero == 3 and self.dp.active and (u.gathered or u.inflight is not None):
+            if u.inflight is not None:                  # never free a buffer a gather still writes
+                self._gather(u)
             _free(u.flat)
             u.gathered = False
+
+    def _before_forward(self, u: Unit) -> None:
+        self._gather(u)
+        if not u.in_backward:                           # not a recompute: prefetch the next layer (units are
+            self._prefetch(u.index - 1)                 # in reverse layer order)
 
     def _after_forward(self, u: Unit, out: torch.Tensor) -> None:
         if u.in_backward or not self.per_micro_batch:      # a recompute inside the backward, or kept for the step
@@ -156,6 +203,7 @@ class DataParallel:
     def _before_backward(self, u: Unit) -> None:
         u.in_backward = True
         self._gather(u)
+        self._prefetch(u.index + 1)                     # the previous layer's backward comes next
 
     def gather_root(self) -> None:
         if self.zero == 3:
@@ -271,5 +319,10 @@ class DataParallel:
             for u in self.units:
                 tag = comm.LOG.tag
                 comm.LOG.tag = f"{tag}>zero_allgather:u{u.index}"
-                comm.all_gather(u.flat, u.shard_param.clone(), self.dp)
+                if self.lowp:                               # the rounded shards (param_dtype bytes on the wire)
+                    buf = torch.empty(u.numel, dtype=self.gather_dtype, device=u.flat.device)
+                    comm.all_gather(buf, u.shard_param.to(self.gather_dtype), self.dp)
+                    u.flat.copy_(buf)
+                else:
+                    comm.all_gather(u.flat, u.shard_param.clone(), self.dp)
                 comm.LOG.tag = tag

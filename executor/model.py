@@ -2,7 +2,9 @@
 the embedding if the stage is first, the final norm and LM head if it is last.
 
 Weights are initialised full-size from (seed, parameter name) and then sliced, so every layout (dp, tp, sp, zero,
-pp later) starts from exactly the single-process model: the premise of the parity tests.
+pp later) starts from exactly the single-process model: the premise of the parity tests. Each full tensor is drawn
+on the host, one at a time (the embedding is drawn again for a tied head on another stage rather than kept), and
+only this rank's shard reaches the device: a rank's peak is one full tensor on the host plus its own shards.
 Init: normal(0, 0.02), with the residual output projections scaled by 1/sqrt(2·layers) (GPT-2, Radford et al. 2019
 §2.3); norms one, biases zero.
 
@@ -24,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from loom.spec import ModelSpec
 from loom.spec.units import padded_vocab
 
-from . import ops
+from . import ops, sac
 from .comm import SINGLE, Group
 from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp, mark,
                  vocab_parallel_cross_entropy)
@@ -40,10 +42,25 @@ class BuildCtx:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def full(self, name: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
-        """The full-size initial value of parameter `name`: the same on every rank and every layout."""
+    def full(self, name: str, shape: tuple[int, ...], std: float, pad_rows: int = 0) -> torch.Tensor:
+        """The full-size initial value of parameter `name` on the host (the same on every rank and layout), with
+        `pad_rows` zero rows appended (TP vocabulary padding) in the same buffer, so one full tensor exists at a
+        time. The callers slice their shard; Decoder moves the shards to the device."""
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        return (torch.randn(shape, generator=g) * std).to(self.device)
+        out = torch.zeros((shape[0] + pad_rows, *shape[1:])) if pad_rows else torch.empty(shape)
+        torch.randn(shape, generator=g, out=out[:shape[0]])
+        return out.mul_(std)
+
+
+def amp_cast(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on (else unchanged): what enters or leaves a TP region travels in
+    the training precision, as Megatron-LM's bf16 activations do, so the TP/SP collectives (and their gradients'
+    in the backward) move the plan's bytes (spec/compile.py: ab per element). The linears the input feeds would
+    cast it anyway, so their forward is unchanged."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
 
 
 class Norm(nn.Module):
@@ -76,7 +93,9 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.d = m.heads // tp.size, m.n_kv_heads // tp.size, m.d_head
         self.rope = m.position == "rope"
         self.selective = ctx.recompute == "selective"
-        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = ops.attention
+        # per-op recompute saves attention's (out, lse): it needs attention as one op (executor/sac.py)
+        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = \
+            sac.attention_out if ctx.recompute == "op" else ops.attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         s, b, _ = x.shape                                   # x: full sequence, this rank's heads follow
@@ -124,7 +143,7 @@ class Block(nn.Module):
         self.tp, self.sp = ctx.tp, ctx.sp and ctx.tp.active
 
     def _sub(self, x: torch.Tensor, norm: Norm, f: Callable, bias: torch.Tensor | None, *args) -> torch.Tensor:
-        y = leave_tp(f(enter_tp(norm(x), self.tp, self.sp), *args), self.tp, self.sp)
+        y = leave_tp(f(enter_tp(amp_cast(norm(x)), self.tp, self.sp), *args), self.tp, self.sp)
         return x + (y if bias is None else y + bias)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
@@ -148,12 +167,9 @@ class Decoder(nn.Module):
         # (its tokens are a zigzag selection of the sequence): learned position embeddings read these rows.
         self.position_ids: torch.Tensor | None = None
         layers = range(m.layers) if layers is None else layers
-        emb_full = None
-        if first or (last and m.tied_embeddings):
-            emb_full = ctx.full("embed", (m.vocab, m.hidden), 0.02)
-            emb_full = F.pad(emb_full, (0, 0, 0, self.vocab_padded - m.vocab))
+        pad = self.vocab_padded - m.vocab
         if first:
-            self.embed = VocabParallelEmbedding(emb_full, tp)
+            self.embed = VocabParallelEmbedding(ctx.full("embed", (m.vocab, m.hidden), 0.02, pad), tp)
             if m.position == "learned":
                 self.pos = mark(nn.Parameter(ctx.full("pos", (m.seq_len, m.hidden), 0.01)), tp_split=False,
                                 sp_grad=self.sp)
@@ -163,24 +179,27 @@ class Decoder(nn.Module):
             if m.tied_embeddings and first:
                 self.head_weight = self.embed.weight
             else:
-                w = emb_full if m.tied_embeddings else F.pad(ctx.full("head", (m.vocab, m.hidden), 0.02),
-                                                             (0, 0, 0, self.vocab_padded - m.vocab))
+                # tied, on another stage than the embedding: the same table, drawn again (not kept meanwhile)
+                w = ctx.full("embed" if m.tied_embeddings else "head", (m.vocab, m.hidden), 0.02, pad)
                 per = self.vocab_padded // tp.size
                 self.head_weight = mark(nn.Parameter(w[tp.rank * per:(tp.rank + 1) * per].clone()),
                                         tp_split=tp.active)
+                del w
         if m.position == "rope":
             cos, sin = ops.rope_tables(m.seq_len, m.d_head, m.rope_theta, ctx.device)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
+        self.to(ctx.device)            # the host-drawn shards (Module.to keeps the Parameter objects and marks)
 
     def rope(self):
         return (self.cos, self.sin) if self.spec.position == "rope" else None
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (batch, seq) -> (seq_local, batch, hidden): summed over TP (g), or reduce-scattered with SP (f')."""
-        x = self.embed(ids.t())
+        x = amp_cast(self.embed(ids.t()))                # the training precision, TP or not (Megatron's)
         if self.tp.active:
             x = leave_tp(x.contiguous(), self.tp, self.sp)
+        x = x.float()                                        # the residual stream stays fp32
         if self.spec.position == "learned":
             s = x.shape[0]                                   # local sequence (÷tp with SP)
             lo = self.tp.rank * s if self.sp else 0
@@ -195,6 +214,8 @@ class Decoder(nn.Module):
         for layer in self.layers:
             if self.recompute == "full":                     # keep only the layer input (Chen et al. 2016)
                 x = checkpoint(layer, x, rope, use_reentrant=False)
+            elif self.recompute == "op":                     # torchtitan's per-op selective AC (sac.py)
+                x = sac.run(layer, x, rope)
             else:
                 x = layer(x, rope)
         return x
@@ -202,7 +223,7 @@ class Decoder(nn.Module):
     def token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (fp32), shape (seq, batch). The head is column-parallel over the vocabulary
         and the loss vocab-parallel: logits are never gathered."""
-        h = enter_tp(self.norm(x), self.tp, self.sp)
+        h = enter_tp(amp_cast(self.norm(x)), self.tp, self.sp)
         logits = F.linear(h, self.head_weight)
         per = self.vocab_padded // self.tp.size
         return vocab_parallel_cross_entropy(logits, targets.t(), self.tp.rank * per, self.spec.vocab, self.tp)

@@ -92,7 +92,8 @@ class Stage:
         # from its first forward to that reduction (the plan's rule, spec/compile.py: torchtitan's FSDP under
         # pipelining); without PP (cp only) they reduce after every micro-batch as part 1's Trainer does.
         self.dps = [DataParallel(d, self.dpcp, self.tp, p.zero, p.bucket_MB, grad_dtype,
-                                 layer_units=list(d.layers), every_micro_batch=p.pp == 1) for d in self.decoders]
+                                 layer_units=list(d.layers), every_micro_batch=p.pp == 1,
+                                 param_dtype=act_dtype) for d in self.decoders]   # ZeRO gathers: the precision's
         self.tied_chunk = next((c for c, dp in enumerate(self.dps) if self.tied in dp.unit_of), None) \
             if self.tied is not None else None
         self._uncount_tied_copy()

@@ -69,7 +69,9 @@ class Trainer:
         p, t, m = spec.plan, spec.training, spec.model
         self.spec, self.mesh, self.device, self.steps = spec, mesh, device, steps
         self.cuda = device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if self.cuda else None
+        # bf16/fp16: autocast on CUDA and on CPU alike (the same code path, so CPU tests exercise it); fp8 runs
+        # without autocast
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         self.ctx = BuildCtx(m, mesh.tp, p.sp, t.recompute, t.seed, device)
         self.plan = compile_plan(spec)
         grad_dtype = torch.bfloat16 if t.grad_dtype == "bf16" else torch.float32
@@ -81,12 +83,13 @@ class Trainer:
             groups = {"pp": mesh["pp"], "tp": mesh.tp, "cp": mesh["cp"],
                       **make_extra_groups(SpecMesh.from_spec(spec))}
             self.stage = Stage(spec, self.plan, groups, device=device, grad_dtype=grad_dtype,
-                               act_dtype=self.amp_dtype or torch.float32)   # bf16 stage boundaries on GPU
+                               act_dtype=self.amp_dtype or torch.float32)   # bf16 stage boundaries
             self.model, self.dp = self.stage.modules(), self.stage
         else:
             self.model = Decoder(self.ctx)
             self.dp = DataParallel(self.model, mesh.dp, mesh.tp, p.zero, p.bucket_MB, grad_dtype,
-                                   layer_units=list(self.model.layers))
+                                   layer_units=list(self.model.layers),
+                                   param_dtype=self.amp_dtype or torch.float32)
         decay, self.count = self.dp.masks()
         self.opt = FlatAdamW(self.dp.param_shards(), decay, t.optimizer, ADAM_BETAS, weight_decay=t.weight_decay)
         self.scaler = LossScaler() if self.amp_dtype == torch.float16 else None
@@ -113,7 +116,7 @@ class Trainer:
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def step(self, on_op: OpHook | None = None) -> StepStats:
         """One optimizer step. `on_op(op, start_s, end_s)` (time.perf_counter() clock) is called once for every op

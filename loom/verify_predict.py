@@ -76,6 +76,8 @@ def state_bytes(spec, stage: int) -> dict[str, int]:
     shard = padded // n_dp
     sharded_params = p.zero == 3 and n_dp > 1
     params = (shard if sharded_params else padded) * F32
+    if p.zero in (1, 2) and param_gather_bytes(spec) != F32:     # the fp32 master shard beside the buffer
+        params += shard * F32
     full_grad_kept = not (p.zero >= 2 and n_dp > 1)         # freed after its reduction (dp.py finish_backward)
     grads = (padded * gb if full_grad_kept else 0) + (shard * F32 if p.zero >= 1 else 0)
     opt_shard = shard if p.zero >= 1 else padded
@@ -112,14 +114,21 @@ def state_notes(spec, stage: int, key: str, model_bytes: int) -> str:
 
 # ---- collectives -------------------------------------------------------------------------------------------------
 def activation_dtypes(spec, device: str = "cpu") -> tuple[int, int]:
-    """(lo, hi) bytes per element of the executor's activations. hi: the residual stream, norm outputs and their
-    gradients, embedding outputs (fp32: the flat parameters are fp32 and F.embedding / the norms keep their input
-    dtype). lo: outputs of the linear layers and their gradients, which CUDA autocast runs in bf16/fp16
-    (Trainer._autocast; fp8 runs without autocast). On CPU both are fp32. The CUDA rule is derived from autocast's
-    semantics and has not been run on a GPU."""
-    if device.startswith("cuda") and spec.training.precision in ("bf16", "fp16"):
-        return 2, F32
+    """(lo, hi) bytes per element of what the executor's activation collectives carry. lo: outputs of the linear
+    layers and their gradients (autocast); hi: the norm outputs entering a TP region and the embedding output
+    leaving one, and their gradients (model.amp_cast casts them to the autocast dtype), and the pipeline messages
+    (Stage act_dtype = the autocast dtype). Trainer autocasts bf16/fp16 on CUDA and CPU alike (fp8 runs without
+    autocast), so both are the precision's bytes there and fp32 otherwise; `device` no longer matters."""
+    if spec.training.precision in ("bf16", "fp16"):
+        return 2, 2
     return F32, F32
+
+
+def param_gather_bytes(spec) -> int:
+    """Bytes per element of the ZeRO parameter gathers (dp.py gather_dtype): the precision's with ZeRO >= 1 over
+    more than one rank in bf16/fp16, else fp32."""
+    return 2 if spec.training.precision in ("bf16", "fp16") and spec.plan.zero >= 1 and dp_group_size(spec) > 1 \
+        else F32
 
 
 def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
@@ -168,7 +177,7 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
             out["cp_kv_exchange"] += M * n * (fwd + (cp - 1) * kv * lo + (cp - 1) * kv * F32)
         if p.pp > 1:
             s_local = m.seq_len // cp // (tp if sp else 1)
-            msg = s_local * t.micro_batch * m.hidden * hi     # Stage's act_dtype: the fp32 residual stream
+            msg = s_local * t.micro_batch * m.hidden * hi     # Stage's act_dtype: the autocast dtype or fp32
             j_last = len(chunks) * p.pp - 1
             j = chunks.index((layers, first, last)) * p.pp + stage
             out["pp_send_act"] += M * msg if j != j_last else 0
@@ -180,14 +189,16 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
         if n_dp > 1:
             key = "dp_allreduce" if p.zero == 0 else "dp_reducescatter"
             out[key] += reduces * sum(u.numel for u in cunits) * gb
+            pg = param_gather_bytes(spec)
             if p.zero in (1, 2):
-                out["zero_allgather"] += sum(u.numel for u in cunits) * F32
+                out["zero_allgather"] += sum(u.numel for u in cunits) * pg
             if p.zero == 3 and per_mb:
                 layer_units, root = cunits[:-1], cunits[-1]
-                # layers: gathered before each forward and again before each backward; root once per micro-batch
-                out["zero_allgather"] += M * (2 * sum(u.numel for u in layer_units) + root.numel) * F32
+                # layers: gathered before each forward and again before each backward (prefetched one layer
+                # ahead, still once each); root once per micro-batch
+                out["zero_allgather"] += M * (2 * sum(u.numel for u in layer_units) + root.numel) * pg
             elif p.zero == 3:                                 # under PP every unit stays gathered for the step
-                out["zero_allgather"] += sum(u.numel for u in cunits) * F32
+                out["zero_allgather"] += sum(u.numel for u in cunits) * pg
         if sp:
             sp_bytes = sum(q.numel for u in cunits for q in u.params if q.sp_grad) * gb
             sp_reduce = M if per_mb and n_dp > 1 else 1
@@ -255,13 +266,15 @@ def comm_notes(spec) -> dict[str, str]:
         "tp_allreduce": "",
         "sp_allgather": "",
         "sp_reducescatter": "",
-        "cp_kv_exchange": "on CUDA the plan's forward K/V message uses the precision's bytes"
-                          if spec.gpu.device == "cuda" else "",
+        # K/V blocks travel in the autocast dtype (linear outputs), dK/dV in fp32, as the plan counts them
+        "cp_kv_exchange": "",
         # DP/ZeRO bytes: the plan counts the executor's padded units (spec/units.py), so they agree exactly
         "dp_allreduce": "",
         "dp_reducescatter": "",
-        "zero_allgather": "the plan gathers precision-sized parameters, the executor its fp32 flat buffers"
-                          if spec.training.precision != "fp32" else "",
+        # bf16/fp16 with ZeRO >= 1: the executor gathers the rounded shards (dp.py gather_dtype), as the plan;
+        # fp8: the plan counts 2-byte parameters, the executor (no autocast for fp8) gathers fp32
+        "zero_allgather": "the plan gathers 2-byte parameters for fp8, the executor fp32 (no fp8 autocast)"
+                          if spec.training.precision == "fp8" and spec.plan.zero >= 1 else "",
         "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",
         "grad_norm_allreduce": "not in the plan: one fp32 scalar per group for the global gradient norm",
         "loss_report": "not in the plan: the step loss all-reduced over dp for logging",

@@ -37,11 +37,12 @@ GPT2 = {"layers": 4, "hidden": 32, "heads": 4, "ffn_hidden": 128, "vocab": 257, 
 ODD = {**GPT2, "hidden": 33, "heads": 3, "ffn_hidden": 66}
 
 
-def _spec(par: dict, micro_batch: int = 4, recompute: str = "none", model: dict | None = None) -> dict:
+def _spec(par: dict, micro_batch: int = 4, recompute: str = "none", model: dict | None = None,
+          precision: str = "fp32") -> dict:
     par = {"bucket_MB": 0.01, **par}
     size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
     return {"model": copy.deepcopy(model or MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
-            "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": "fp32", "lr": 1e-3,
+            "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": precision, "lr": 1e-3,
                          "warmup_steps": 1, "recompute": recompute, "grad_clip": 1.0},
             "parallel": par}
 
@@ -61,6 +62,14 @@ LAYOUTS2 = {
     "cp2": _spec({"cp": 2}, micro_batch=4),
     "dp2_zero1_odd": _spec({"dp": 2, "zero": 1}, micro_batch=2, model=ODD),
     "dp2_zero3_odd": _spec({"dp": 2, "zero": 3}, micro_batch=2, model=ODD),
+    # bf16 (CPU autocast, the CUDA code path): TP/SP activations and their gradients, pipeline messages, CP K/V
+    # and ZeRO parameter gathers in 2 bytes, as the plan counts them (executor/model.py amp_cast, dp.py)
+    "bf16_dp2_zero1": _spec({"dp": 2, "zero": 1}, precision="bf16"),
+    "bf16_dp2_zero3": _spec({"dp": 2, "zero": 3}, micro_batch=2, precision="bf16"),
+    "bf16_tp2": _spec({"tp": 2}, precision="bf16"),
+    "bf16_tp2_sp_full": _spec({"tp": 2, "sp": True}, recompute="full", precision="bf16"),
+    "bf16_pp2_1f1b": _spec({"pp": 2, "schedule": "1f1b"}, micro_batch=2, precision="bf16"),
+    "bf16_cp2": _spec({"cp": 2}, precision="bf16"),
 }
 LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2),
             "dp2_pp2_zero1": _spec({"dp": 2, "pp": 2, "zero": 1}, micro_batch=2),
@@ -74,7 +83,10 @@ LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2),
                                                      "vpp": 2}, micro_batch=1,
                                                     model={**MODEL, "vocab": 257, "tied_embeddings": True}),
             "dp2_pp2_zero0_tied_odd": _spec({"dp": 2, "pp": 2, "schedule": "1f1b"}, micro_batch=2,
-                                            model={**ODD, "tied_embeddings": True})}
+                                            model={**ODD, "tied_embeddings": True}),
+            "bf16_dp2_tp2_sp_zero3_gpt2": _spec({"dp": 2, "tp": 2, "sp": True, "zero": 3}, micro_batch=2,
+                                                model=GPT2, precision="bf16"),
+            "bf16_dp2_pp2_zero2": _spec({"dp": 2, "pp": 2, "zero": 2}, micro_batch=2, precision="bf16")}
 
 EXACT = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
          "pp_recv_act", "pp_recv_grad")

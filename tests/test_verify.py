@@ -335,20 +335,32 @@ def test_cuda_rows_on_a_cuda_measurement(measured):
     assert not any("CPU kernels" in m for m in rows)
 
 
-def test_cuda_bf16_activation_collectives_use_the_autocast_dtype():
-    """Under bf16 autocast the row-parallel outputs (and their gradients) are bf16, the residual stream fp32: with
-    tp2+SP per layer and pass 2 of the 4 all-gathers carry bf16 (derived rule; CPU: all fp32)."""
-    from loom.verify_predict import comm_bytes
+@pytest.mark.parametrize("par", [{"tp": 2, "sp": True}, {"tp": 2}, {"dp": 2, "zero": 1}, {"dp": 2, "zero": 3},
+                                 {"pp": 2, "schedule": "1f1b"}])
+def test_bf16_collectives_are_predicted_in_the_precisions_bytes(par):
+    """Under bf16 the executor autocasts on CUDA and CPU alike and casts what enters or leaves a TP region, the
+    pipeline messages and the ZeRO parameter gathers to bf16 (executor/model.py amp_cast, dp.py gather_dtype): the
+    prediction equals the plan's bytes for every plan kind on both devices (tests/test_plan_executor_agreement.py
+    measures the same on gloo), and is half the fp32 prediction except the fp32 cross-entropy all-reduces."""
+    from loom.spec.compile import compile_plan
+    from loom.verify_predict import comm_bytes, plan_comm_bytes
     d = json.loads(json.dumps(BASE))
-    d["cluster"]["gpu"] = "H100-SXM"
+    d["cluster"]["gpus_per_node"] = 2
     d["training"]["precision"] = "bf16"
-    d["parallel"] = {"tp": 2, "sp": True}
+    d["parallel"] = dict(par)
     spec = spec_from_dict(d)
-    cpu, gpu = comm_bytes(spec, 0, "cpu"), comm_bytes(spec, 0, "cuda:0")
-    M, A, n = spec.micro_batches, 2 * 32 * 64, 2
-    assert cpu["sp_allgather"] - gpu["sp_allgather"] == M * A * 2 * n * 2      # 2n bf16 backward gathers
-    assert cpu["sp_reducescatter"] - gpu["sp_reducescatter"] == M * A * 2 * n * 2
-    assert cpu["tp_allreduce"] == gpu["tp_allreduce"] > 0                      # with SP only the fp32 CE
+    plan = compile_plan(spec)
+    d["training"]["precision"] = "fp32"
+    fp32 = comm_bytes(spec_from_dict(d), 0, "cpu")
+    for dev in ("cpu", "cuda:0"):
+        got = comm_bytes(spec, 0, dev)
+        for kind, want in plan_comm_bytes(plan, 0).items():
+            assert got[kind] == round(want), (dev, kind, got[kind], want)
+    M, T = spec.micro_batches, spec.training.micro_batch * spec.model.seq_len
+    ce = 3 * M * T * 4 if spec.plan.tp > 1 else 0
+    for kind in ("sp_allgather", "sp_reducescatter", "pp_send_act", "zero_allgather"):
+        assert 2 * got[kind] == fp32[kind]
+    assert 2 * (got["tp_allreduce"] - ce) == fp32["tp_allreduce"] - ce
 
 
 def test_executor_failure_shows_the_ranks_message_not_torchruns_traceback():
