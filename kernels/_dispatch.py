@@ -81,6 +81,18 @@ def alloc(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def alloc_like(t: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Uninitialised buffer with ``t``'s shape *and memory layout* (strides, for a dense ``t``).
+
+    Why: q arrives as a permuted view of a sequence-first (s, b, heads·d) projection; an output laid out the same
+    way permutes back into the next projection's input as a view, not a copy, so one tensor serves both as the
+    kernel's saved output and as the next linear's saved input (saved once, as the memory model counts it).
+    """
+    if POISON_OUTPUTS:
+        return torch.full_like(t, float("nan"), dtype=dtype)
+    return torch.empty_like(t, dtype=dtype)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from ._dispatch import LazyKernel, alloc, interpret_mode, next_pow2, tl, use_triton
+from .twins import RoPETwin
+from ._dispatch import LazyKernel, alloc_like, interpret_mode, next_pow2, tl, use_triton
 
 
 def _rope_kernel(Q, K, OQ, OK, COS, SIN, POS,
@@ -65,8 +65,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
             pos: torch.Tensor | None, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    oq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    ok = alloc(k.shape, dtype=k.dtype, device=k.device)
+    oq, ok = alloc_like(q), alloc_like(k)           # the inputs' layout (see alloc_like)
     if pos is None:
         pos_arg, spos = cos, (0, 0)  # dummy pointer, never read (HAS_POS=False)
     else:
@@ -113,4 +112,4 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         cos = cos if cos.stride(-1) == 1 else cos.contiguous()
         sin = sin if sin.stride(-1) == 1 else sin.contiguous()
         return RoPEFunction.apply(q, k, cos.detach(), sin.detach(), position_ids)
-    return reference.rope_reference(q, k, cos, sin, position_ids)
+    return RoPETwin.apply(q, k, cos.detach(), sin.detach(), position_ids)

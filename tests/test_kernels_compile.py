@@ -18,11 +18,11 @@ pytestmark = pytest.mark.skipif(not _dispatch.HAS_TRITON, reason="triton not imp
 _FA = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")} | {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
 _FA_META = dict(CAUSAL=True, HEAD_DIM=128, BLOCK_D=128, DOT_PREC="tf32")
 CASES = {
-    "attn_fwd": ("flash_attention", "_attn_fwd", _FA, _FA_META | dict(BLOCK_M=128, BLOCK_N=64), ("qk_scale",), 8),
-    "attn_bwd_pre": ("flash_attention", "_attn_bwd_preprocess", _FA,
+    "attn_fwd": ("flash_attention_fwd", "_attn_fwd", _FA, _FA_META | dict(BLOCK_M=128, BLOCK_N=64), ("qk_scale",), 8),
+    "attn_bwd_pre": ("flash_attention_bwd", "_attn_bwd_preprocess", _FA,
                      dict(HAS_DLSE=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64), (), 4),
-    "attn_bwd_dkdv": ("flash_attention", "_attn_bwd_dkdv", _FA, _FA_META | dict(BLOCK_M=64, BLOCK_N=128), ("sm_scale",), 8),
-    "attn_bwd_dq": ("flash_attention", "_attn_bwd_dq", _FA, _FA_META | dict(BLOCK_M=128, BLOCK_N=64), ("sm_scale",), 8),
+    "attn_bwd_dkdv": ("flash_attention_bwd", "_attn_bwd_dkdv", _FA, _FA_META | dict(BLOCK_M=64, BLOCK_N=128), ("sm_scale",), 8),
+    "attn_bwd_dq": ("flash_attention_bwd", "_attn_bwd_dq", _FA, _FA_META | dict(BLOCK_M=128, BLOCK_N=64), ("sm_scale",), 8),
     "rms_fwd": ("rmsnorm", "_rms_fwd", {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "RSTD": "*fp32"},
                 dict(BLOCK=4096), ("eps",), 8),
     "rms_bwd": ("rmsnorm", "_rms_bwd", {"DY": "*bf16", "X": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
