@@ -42,6 +42,24 @@ def cuda_problem(spec: Spec) -> str | None:
     return None
 
 
+def overlap_problem(spec: Spec) -> str | None:
+    """The executor does not run Megatron-LM's communication overlaps the simulator models (userbuffers TP/GEMM
+    overlap; the parameter all-gather deferred to the next forward): such a spec is for simulate/search/export."""
+    p = spec.plan
+    on = [f for f in ("tp_comm_overlap", "overlap_param_gather") if getattr(p, f)]
+    if not on:
+        return None
+    return (f"parallel.{on[0]} = true is simulated and exported (loom simulate/search/export) but not executed: "
+            f"Loom's executor runs TP collectives and the ZeRO parameter gather without these overlaps. Fix: set "
+            + " and ".join(f"parallel.{f} = false" for f in on) + " to run or verify this plan.")
+
+
+def executor_problem(spec: Spec) -> str | None:
+    """Why the executor cannot run this spec here (with the fix), or None: overlaps it does not implement, or
+    the GPUs this machine lacks. `loom run` and `loom verify` both refuse with it."""
+    return overlap_problem(spec) or cuda_problem(spec)
+
+
 def run_from_cli(spec_path: str, steps: int | None = None, extra_args: Sequence[str] = ()) -> int:
     """Launch the spec's training run; returns the exit code (0 on success). Spec errors raise SpecError."""
     spec = load_spec(spec_path)
@@ -53,7 +71,7 @@ def run_from_cli(spec_path: str, steps: int | None = None, extra_args: Sequence[
         print(f"loom run: cluster.nodes = {spec.cluster.nodes}; start `loom run` on every node with "
               "LOOM_RDZV_ENDPOINT=<host:port of node 0> (see docs/executor.md, multi-node)", file=sys.stderr)
         return 2
-    if (problem := cuda_problem(spec)) is not None:
+    if (problem := executor_problem(spec)) is not None:
         print(f"loom run: {problem}", file=sys.stderr)
         return 2
     args = list(extra_args) + (["--steps", str(steps)] if steps else [])

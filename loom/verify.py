@@ -346,8 +346,8 @@ def verify_cli(args) -> int:
         print(f"loom verify: cluster.nodes = {spec.cluster.nodes}; verify runs on one machine. Fix: verify a "
               "one-node version of the plan (nodes = 1), or use `loom run` on every node", file=sys.stderr)
         return 2
-    from loom.executor.launch import cuda_problem
-    if (problem := cuda_problem(spec)) is not None:
+    from loom.executor.launch import executor_problem
+    if (problem := executor_problem(spec)) is not None:
         print(f"loom verify: {problem}", file=sys.stderr)
         return 2
     steps = max(1, args.steps)

@@ -16,6 +16,19 @@ Collective (α-β model, Hockney 1994; ring volumes in the op's wire_bytes, see 
 - Point-to-point (PP, CP ring) across nodes uses one NIC: B_eff = inter · comm_efficiency.
 - steps (latency terms per call): all-reduce 2·⌈log2 n⌉, all-gather/reduce-scatter ⌈log2 n⌉ (NCCL picks
   tree/LL protocols for latency-bound sizes: latency grows with log n, not n), p2p 1.
+
+A TP collective the plan overlaps with a GEMM (op.overlap, parallel.tp_comm_overlap) costs only what stays exposed
+(`exposed_overlap`); the GEMM itself is in its compute op. With C the collective's time and G the GEMM's
+(op.overlap_flops at the GEMM peak and efficiency), TransformerEngine's schedules (comm_gemm_overlap.cpp,
+CommOverlapP2P / CommOverlap) give, per call and so for all `count` identical calls:
+- "ring" (ring exchange, k = tp GEMM steps, k − 1 transfers of one chunk each): step i+1's chunk arrives while
+  step i computes on the chunk it holds, the first on the local one: time (k−1)·max(G/k, C/(k−1)) + G/k,
+  exposed (k−1)·max(0, C/(k−1) − G/k): nothing while a transfer is shorter than a GEMM chunk.
+- "pipeline" (k = 4 GEMM chunks, each reduce-scattered beside the next): the last chunk's collective is
+  exposed: time max(G + C/k, G/k + C), exposed max(C/k, C − G·(k−1)/k).
+- "bulk" (beside an independent GEMM): exposed max(0, C − G).
+Each chunk is charged C/k (userbuffers split one collective; the per-chunk latency is left out). Not modelled:
+the 16 SMs TE's pipeline and bulk kernels take from the GEMM (num_sm = 16 of an H100's 132, set_sm_margin).
 """
 from __future__ import annotations
 
@@ -78,5 +91,27 @@ class CostModel:
         steps = 2 * log_n if op.kind in (OpKind.TP_ALLREDUCE, OpKind.DP_ALLREDUCE) else log_n
         return op.count * alpha * steps + op.wire_bytes / coll_bw
 
+    def gemm_time(self, flops: float) -> float:
+        return flops / (self.peak_gemm * self.e_gemm) if flops > 0 else 0.0
+
     def duration(self, op: Op) -> float:
-        return self.compute_time(op) if op.kind.is_compute else self.comm_time(op)
+        if op.kind.is_compute:
+            return self.compute_time(op)
+        if op.overlap:
+            return exposed_overlap(op.overlap, self.comm_time(op), self.gemm_time(op.overlap_flops),
+                                   op.overlap_splits)
+        return self.comm_time(op)
+
+
+def exposed_overlap(method: str, comm_s: float, gemm_s: float, splits: int) -> float:
+    """Seconds a collective of comm_s adds to the GEMM of gemm_s it is overlapped with (module docstring)."""
+    k = max(1, splits)
+    if method == "ring":
+        if k == 1:
+            return comm_s
+        return (k - 1) * max(0.0, comm_s / (k - 1) - gemm_s / k)
+    if method == "pipeline":
+        return max(comm_s / k, comm_s - gemm_s * (k - 1) / k)
+    if method == "bulk":
+        return max(0.0, comm_s - gemm_s)
+    raise ValueError(f"unknown overlap method {method!r}")

@@ -25,7 +25,7 @@ from loom.spec.compile import MAX_BUCKET_OPS, OPT_STATE_BYTES, _ring, _Shapes, s
 from loom.spec.mesh import Mesh
 from loom.spec.plan import Op, OpKind
 
-from .costs import CostModel
+from .costs import CostModel, exposed_overlap
 from .hardware import HardwareProfile
 
 
@@ -79,7 +79,7 @@ def _op(kind: OpKind, **kw) -> Op:
 
 class _Unit:
     """Durations of one micro-batch through one chunk, and what the plan's tail needs."""
-    __slots__ = ("t_f", "t_b", "t_r", "t_head", "t_tp_pass", "tp_passes", "x_f", "x_b", "x_wait", "g_unit",
+    __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "x_wait", "g_unit",
                  "g_wait", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
                  "head_params", "root_params", "p2p", "last_light")
 
@@ -140,7 +140,24 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
             t_tp_pass += dur(k, group="tp", group_size=p.tp, count=2 * n, msg_bytes=sh.act_msg,
                                  wire_bytes=_ring(k, p.tp, sh.act_msg) * 2 * n)
     # full recompute reruns a layer up to torch checkpoint's early stop: 1 of 2 all-reduces (SP: 3 of 4 calls)
-    tp_passes = 2 + ((0.75 if p.sp else 0.5) if t.recompute in ("full", "op") else 0)
+    tp_f = tp_b = t_tp_pass
+    tp_r = ((0.75 if p.sp else 0.5) if t.recompute in ("full", "op") else 0) * t_tp_pass
+    if p.tp_comm_overlap and p.tp > 1:
+        # compile_plan's tp_overlap_ops: one collective per GEMM partner, charged its exposed part
+        # (costs.exposed_overlap): forward AG ring with QKV/FC1, RS pipelined (4) with proj/FC2; backward AG ring
+        # with the proj/FC2 dgrad, RS bulk beside the QKV/FC1 wgrad; full recompute the forward's QKV, FC1, proj
+        AG, RS = OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER
+
+        def ov(k: OpKind, method: str, gemm: str, splits: int) -> float:
+            c = dur(k, group="tp", group_size=p.tp, count=n, msg_bytes=sh.act_msg,
+                    wire_bytes=_ring(k, p.tp, sh.act_msg) * n)
+            return exposed_overlap(method, c, cost.gemm_time(toks * n * sh.gemm_f[gemm]), splits)
+        tp_f = ov(AG, "ring", "qkv", p.tp) + ov(AG, "ring", "fc1", p.tp) + ov(RS, "pipeline", "proj", 4) \
+            + ov(RS, "pipeline", "fc2", 4)
+        tp_b = ov(AG, "ring", "proj", p.tp) + ov(AG, "ring", "fc2", p.tp) + ov(RS, "bulk", "qkv", 1) \
+            + ov(RS, "bulk", "fc1", 1)
+        if t.recompute == "full":
+            tp_r = ov(AG, "ring", "qkv", p.tp) + ov(AG, "ring", "fc1", p.tp) + ov(RS, "pipeline", "proj", 4)
 
     # ---- the comm stream: CP exchanges, ZeRO-3 gathers, DP buckets -----------------------------------------
     # compile_plan puts all three on one in-order "comm" stream. Compute waits for the CP blocks (an op may start
@@ -187,7 +204,7 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
         end = 0.0
         for k in range(n_ops):
             end = max(end, (k + 1) / n_ops * t_b) + t_all / n_ops
-        return t_all, max(0.0, end - t_b - t_tp_pass)
+        return t_all, max(0.0, end - t_b - tp_b)
 
     counts = [len(r) for r in split_layers(spec.model.layers, pp * v)] if p.uneven_split else [n]
     first = issue(sh.chunk_params(range(counts[0]), True, pp == 1 and v == 1))   # stage 0, chunk 0: + embedding
@@ -196,7 +213,7 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     d_unit = (first[0] + (v - 1) * rest[0]) / v if per_mb else 0.0
 
     u = _Unit()
-    u.t_f, u.t_b, u.t_r, u.t_head, u.t_tp_pass, u.tp_passes = t_f, t_b, t_r, t_head, t_tp_pass, tp_passes
+    u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r = t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r
     u.x_f, u.x_b, u.x_wait, u.g_unit, u.g_wait, u.zero3_once = x_f, x_b, x_wait, g_unit, g_wait, zero3_once
     u.first, u.rest, u.per_mb, u.d_unit = first, rest, per_mb, d_unit
     u.chunk_params = chunk_params
@@ -234,15 +251,15 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     # the steady state runs at the pace of the fullest chunk
     n = -(-md.layers // (pp * v))
     u = _unit(spec, sh, cost, n, pp, v)
-    t_f, t_b, t_r, t_head, t_tp_pass, tp_passes = u.t_f, u.t_b, u.t_r, u.t_head, u.t_tp_pass, u.tp_passes
+    t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r = u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r
     x_f, x_b, x_wait, g_unit, g_wait, zero3_once = u.x_f, u.x_b, u.x_wait, u.g_unit, u.g_wait, u.zero3_once
     first, rest, per_mb, d_unit, p2p = u.first, u.rest, u.per_mb, u.d_unit, u.p2p
     gb, pb = sh.gb, sh.pb
 
     # Per unit, forward part and backward part on each stream (the backward part carries the recompute and the
     # DP buckets when they are per micro-batch; ZeRO-3 without PP gathers before each).
-    c_f = t_f + t_tp_pass
-    c_b = t_r + t_b + (tp_passes - 1) * t_tp_pass
+    c_f = t_f + tp_f
+    c_b = t_r + t_b + tp_r + tp_b
     k_f = x_f + g_unit / 2
     k_b = x_b + g_unit / 2 + d_unit
     c_unit, k_unit = c_f + c_b, k_f + k_b
@@ -264,7 +281,7 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
         t_g = g_unit / 2
         f_ready = t_g + x_wait if x_unit else g_wait
         b_ready = 2 * t_g + x_f + (x_wait if x_unit else t_r / max(n, 1))
-        unit = first[1] + max(f_ready + c_f + t_r, b_ready) + t_b + (tp_passes - 1) * t_tp_pass
+        unit = first[1] + max(f_ready + c_f + t_r, b_ready) + t_b + tp_r + tp_b
         unit = max(unit, k_unit + wait)
     elif blocking:
         unit = max(c_unit + queued, k_unit) + wait
@@ -293,17 +310,32 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     shard = dpcp if p.zero >= 1 else 1
     t_opt = dur(OpKind.OPTIMIZER, mem_bytes=stage_params / shard * (OPT_STATE_BYTES[t.optimizer] + gb))
     zero12 = 0.0
-    if p.zero in (1, 2) and dpcp > 1:
+    if p.zero in (1, 2) and dpcp > 1 and not p.overlap_param_gather:
         msg = stage_params * pb / v
         zero12 = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=v, msg_bytes=msg,
                          wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, msg) * v)
+    elif p.zero in (1, 2) and dpcp > 1:
+        # overlap_param_gather (compile_plan): each chunk's units gathered before its first forward. Without
+        # interleaving bucket by bucket from when the forward could start (first unit exposed, the forward no
+        # faster than the gather): each stage's first forward grows by e, and the pipeline fill passes all pp
+        # stages. Interleaved: every chunk's gather from the step's start, whole (Megatron's align_param_gather):
+        # stage 0 waits for chunk 0's, and chunk c's is late if c gathers outlast c·pp forwards.
+        g_units = sh.dp_units(range(n), True, pp == 1 and v == 1)   # stage 0's first chunk, as compile_plan
+        k, msg = len(g_units), sum(g_units) * pb / len(g_units)
+        g_c = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=k, msg_bytes=msg,
+                  wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, msg) * k)
+        if v == 1:
+            fwd = t_f + (t_head / 3 if pp == 1 else 0.0)
+            zero12 = pp * max(g_c / k, g_c + fwd / k - fwd)
+        else:
+            zero12 = g_c + (v - 1) * max(0.0, g_c - pp * c_f)
 
     step = t_pipe + dp_exposed + t_opt + zero12
     stall = m * v * (unit - c_unit)                    # the comm stream holding compute back
     share = (x_unit + x_wait) / (k_unit + x_wait + g_wait) if blocking else 0.0
     return Breakdown(compute_s=m * v * (t_f + t_b) + m * t_head, recompute_s=m * v * t_r,
                      bubble_s=(pp - 1) * (unit + 2 * p2p), pp_exposed_s=m * v * 2 * p2p,
-                     tp_exposed_s=m * v * tp_passes * t_tp_pass, cp_exposed_s=stall * share,
+                     tp_exposed_s=m * v * (tp_f + tp_b + tp_r), cp_exposed_s=stall * share,
                      dp_exposed_s=dp_exposed + max(0.0, t_pipe - units * (unit + 2 * p2p) - head - zero3_once),
                      zero_exposed_s=stall * (1 - share) + zero12 + zero3_once, optimizer_s=t_opt,
                      step_time_s=step)

@@ -92,6 +92,11 @@ class _Shapes:
         self.layer_f = 2.0 * m.layer_matmul_params()
         self.attn_f = m.attention_core_flops_per_token(causal=True)
         self.head_f = 2.0 * m.vocab * m.hidden
+        # FLOPs per token of one layer's four GEMMs (forward; dgrad and wgrad are as many each): what a TP
+        # collective hides in under tp_comm_overlap (Σ = layer_f).
+        self.gemm_f = {"qkv": 2.0 * m.hidden * (m.q_dim + 2 * m.kv_dim), "proj": 2.0 * m.q_dim * m.hidden,
+                       "fc1": 2.0 * m.hidden * m.ffn_hidden * (2 if m.gated else 1),
+                       "fc2": 2.0 * m.ffn_hidden * m.hidden}
         h, f = m.hidden, m.ffn_hidden
         # HBM bytes per token per layer, forward, for the memory-bound work (why: these ops are not counted in
         # FLOPs). Norms 2×(read+write h), residual adds 2×(read 2h, write h), activation (SwiGLU reads 2f writes f;
@@ -265,13 +270,30 @@ def compile_plan(spec) -> Plan:
                 for g in (root, zero3):
                     if g is not None and main_compute.get(s):
                         b.edge(main_compute[s][-1], g, frac=0.0)          # prefetch: one op ahead, no further
+            # overlap_param_gather (ZeRO-1/2, Megatron's distributed optimizer): the updated parameters are
+            # all-gathered at the next step's forward instead of after the optimizer - in the steady state, at the
+            # start of this step, before each chunk's first forward. Megatron-LM (core/distributed/
+            # distributed_data_parallel.py forward pre-hooks; param_and_grad_buffer.py finish_param_sync): a
+            # module waits for its bucket's gather, which then dispatches the next bucket's, so the forward runs
+            # one bucket behind the gather (pipelined edge, 1/units) and the first bucket is exposed. Without
+            # interleaving the first bucket is dispatched by the forward's pre-hook (after its input arrived);
+            # with it Megatron's align_param_gather dispatches every chunk's gathers at the step's start, in
+            # bucket order (reverse layer order), so a chunk's first forward waits for its whole gather.
+            pgather = None
+            if (par.overlap_param_gather and par.zero in (1, 2) and dpcp > 1 and a.kind == "F"
+                    and idx == first_f[c]):
+                units = sh.dp_units(layers, first, last)
+                pgather = b.collective(s, OpKind.ZERO_ALLGATHER, len(units), sum(units) * sh.pb / len(units),
+                                       **common)
+                for u in (before if v == 1 else []):
+                    b.edge(u, pgather)
             f_flops = toks * (n * (sh.layer_f + sh.attn_f) + (sh.head_f if last else 0.0))
             f_attn = toks * n * sh.attn_f
             f_mem = sh.tokens / sh.cp * (n * sh.layer_mem + (sh.head_mem if last else 0.0))
             cp_steps = n * (par.cp - 1)
             group_ops: list[int] = []
 
-            def tp_ops(kind: OpKind) -> list[tuple[OpKind, int, float]]:
+            def tp_ops(kind: OpKind) -> list[tuple]:
                 """The TP/SP collectives a compute op issues (executor/tp.py's conjugate operators, per layer two
                 TP regions, each entered and left; Shoeybi et al. 2019 §3, Korthikanti et al. 2022 §4.2.2):
                 - forward: per layer 2 leaves (all-reduce; SP reduce-scatter) and, with SP, 2 entries (all-gather);
@@ -281,7 +303,10 @@ def compile_plan(spec) -> Plan:
                   leaves (all-gather); the LM head input's entry (last) and, with SP, the embedding's leave (first);
                 - full recompute: torch.utils.checkpoint (non-reentrant) stops the rerun once the last saved
                   tensor is rebuilt (`_checkpoint_early_stop`), so the MLP's leave, the layer's last collective,
-                  is not repeated: 1 all-reduce per layer; SP: 2 all-gathers and 1 reduce-scatter."""
+                  is not repeated: 1 all-reduce per layer; SP: 2 all-gathers and 1 reduce-scatter.
+                With tp_comm_overlap the per-layer SP collectives are split by the GEMM they hide in (tp_overlap)."""
+                if par.tp_comm_overlap:
+                    return tp_overlap_ops(kind)
                 act, fst, lst = sh.act_msg, int(first), int(last)
                 if kind == OpKind.FORWARD:
                     ops = [(OpKind.SP_ALLGATHER, 2 * n + lst, act), (OpKind.SP_REDUCESCATTER, 2 * n + fst, act)] \
@@ -294,6 +319,39 @@ def compile_plan(spec) -> Plan:
                     return []                              # input is the last tensor rebuilt)
                 return [(OpKind.SP_ALLGATHER, 2 * n, act), (OpKind.SP_REDUCESCATTER, n, act)] if par.sp \
                     else [(OpKind.TP_ALLREDUCE, n, act)]
+
+            def tp_overlap_ops(kind: OpKind) -> list[tuple]:
+                """SP collectives with TransformerEngine's default userbuffers overlaps (transformer_engine/
+                pytorch/module/base.py, initialize_ub: methods and get_default_config), one op per GEMM partner,
+                as (kind, count, msg, method, GEMM FLOPs per call, splits):
+                - forward: the all-gathers before QKV and FC1 by ring exchange with those GEMMs ("qkv_fprop",
+                  "fc1_fprop": num_splits = tp); the reduce-scatters after the output projection and FC2
+                  pipelined in 4 chunks ("proj_fprop", "fc2_fprop": num_splits 4);
+                - backward: the all-gathers of the output gradient by ring exchange with the proj/FC2 dgrad GEMMs
+                  ("proj_dgrad", "fc2_dgrad"); the reduce-scatters of the QKV/FC1 input gradient in bulk beside
+                  their wgrad GEMMs ("qkv_wgrad", "fc1_wgrad"; TE also bulk-overlaps an all-gather of the saved
+                  input with the dgrad GEMM, which Loom's plan has no op for: it keeps the gathered input);
+                - full recompute reruns the forward's up to the early stop (QKV, FC1 all-gathers; proj's RS);
+                  "op" recompute (torchtitan's per-op policy) reruns them without the overlap.
+                The embedding's, the LM head input's and the cross-entropy's collectives are not in TE layers
+                (Megatron's own VocabParallelEmbedding / ColumnParallelLinear): not overlapped."""
+                act, fst, lst, tp, g = sh.act_msg, int(first), int(last), sh.tp, sh.gemm_f
+                AG, RS = OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER
+                if kind == OpKind.FORWARD:
+                    ops = [(AG, n, act, "ring", toks * g["qkv"], tp), (AG, n, act, "ring", toks * g["fc1"], tp),
+                           (AG, lst, act, "", 0.0, 1), (RS, n, act, "pipeline", toks * g["proj"], 4),
+                           (RS, n, act, "pipeline", toks * g["fc2"], 4), (RS, fst, act, "", 0.0, 1)]
+                    return ops + ([(OpKind.TP_ALLREDUCE, 3, sh.ce_msg, "", 0.0, 1)] if last else [])
+                if kind == OpKind.BACKWARD:
+                    return [(AG, n, act, "ring", toks * g["proj"], tp), (AG, n, act, "ring", toks * g["fc2"], tp),
+                            (AG, fst, act, "", 0.0, 1), (RS, n, act, "bulk", toks * g["qkv"], 1),
+                            (RS, n, act, "bulk", toks * g["fc1"], 1), (RS, lst, act, "", 0.0, 1)]
+                if recompute == "op":        # torchtitan's policy (no TE equivalent): charged unoverlapped
+                    return [(AG, 2 * n, act, "", 0.0, 1), (RS, n, act, "", 0.0, 1)]
+                if recompute != "full":
+                    return []
+                return [(AG, n, act, "ring", toks * g["qkv"], tp), (AG, n, act, "ring", toks * g["fc1"], tp),
+                        (RS, n, act, "pipeline", toks * g["proj"], 4)]
 
             def compute(kind: OpKind, flops: float, attn: float, mem: float,
                         cp_msgs: list[tuple[int, float]]) -> int:
@@ -310,9 +368,14 @@ def compile_plan(spec) -> Plan:
                     b.edge(root, op)
                 if zero3 is not None and not group_ops:
                     b.edge(zero3, op, frac=1.0 / n, tail=1.0 / n)  # layer-by-layer prefetch
+                if pgather is not None and not group_ops:
+                    k = b.ops[pgather].count
+                    b.edge(pgather, op, *((1.0 / k, 1.0 / k) if v == 1 else (1.0, 0.0)))  # bucket by bucket
                 group_ops.append(op)
-                for k, count, msg in tp_ops(kind):
-                    t = b.collective(s, k, count, msg, **common)
+                for k, count, msg, *ov in tp_ops(kind):
+                    extra = dict(overlap=ov[0], overlap_flops=ov[1] * count, overlap_splits=ov[2]) \
+                        if ov and ov[0] else {}
+                    t = b.collective(s, k, count, msg, **extra, **common)
                     if t is not None:
                         b.edge(group_ops[-1], t)
                         group_ops.append(t)
@@ -391,7 +454,8 @@ def _optimizer(b: _Builder, pp: int, dp_ops: dict[int, list[int]], stage_chunks,
         last_compute = [i for i in prog[:-1] if b.ops[i].stream == "compute"][-1]
         b.edge(last_compute, op)                                  # after this stage's last compute op
         opt_ids.append(op)
-        if par.zero in (1, 2) and sh.dpcp > 1:                    # distributed optimizer: gather updated params
+        if par.zero in (1, 2) and sh.dpcp > 1 and not par.overlap_param_gather:   # distributed optimizer:
+            # gather the updated params (with overlap_param_gather: at the next forward, see compile_plan)
             # one call per unit of every chunk, padded (executor/dp.py gather_params; Megatron per bucket)
             units = [u for c, r in enumerate(stage_chunks[s]) for u in sh.dp_units(r, c * pp + s == 0,
                                                                                   c * pp + s == last_v)]

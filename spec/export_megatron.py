@@ -22,6 +22,7 @@ MEGATRON_FLAGS = frozenset("""
 --optimizer --lr --min-lr --lr-decay-style --lr-warmup-iters --lr-wsd-decay-iters --weight-decay --clip-grad
 --train-iters --seed --use-tp-pp-dp-mapping --num-virtual-stages-per-pipeline-rank
 --account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split
+--tp-comm-overlap --overlap-grad-reduce --overlap-param-gather
 """.split())
 
 _MEGATRON_ORDERS = {("pp", "dp", "cp", "tp"): [], ("dp", "pp", "cp", "tp"): ["--use-tp-pp-dp-mapping"]}
@@ -99,6 +100,15 @@ def megatron_args(spec: Spec) -> tuple[list[str], list[str]]:
     add("--context-parallel-size", p.cp)
     if p.sp:
         add("--sequence-parallel")
+    if p.tp_comm_overlap:
+        # TransformerEngine userbuffers TP/GEMM overlap (core/model_parallel_config.py tp_comm_overlap); Megatron
+        # asserts --sequence-parallel with it, which validation requires and is emitted above
+        add("--tp-comm-overlap")
+    if p.overlap_param_gather:
+        # Megatron asserts --overlap-grad-reduce with it (arguments.py); Loom's DP buckets overlap the backward
+        # the same way (docs/plan_ir.md)
+        add("--overlap-grad-reduce")
+        add("--overlap-param-gather")
     if p.zero == 1:
         add("--use-distributed-optimizer")
     elif p.zero in (2, 3):
@@ -178,6 +188,12 @@ def parse_megatron_args(text: str) -> dict[str, object]:
             out[key] = True
             i += 1
     return out
+
+
+def overlaps_from_megatron(args: dict[str, object]) -> dict[str, bool]:
+    """The parallel overlap options the Megatron arguments set (the inverse of their half of megatron_args)."""
+    return {"tp_comm_overlap": bool(args.get("tp_comm_overlap")),
+            "overlap_param_gather": bool(args.get("overlap_param_gather"))}
 
 
 def model_from_megatron(args: dict[str, object], name: str = "custom") -> ModelSpec:

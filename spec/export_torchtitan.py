@@ -28,6 +28,7 @@ TORCHTITAN_KEYS: dict[str, frozenset[str]] = {
                               "pipeline_parallel_last_stage_less_layers", "context_parallel_degree"}),
     "activation_checkpoint": frozenset({"mode", "selective_ac_option"}),
     "debug": frozenset({"seed"}),
+    "compile": frozenset({"enable", "components"}),
 }
 
 _TT_SCHEDULES = {"afab": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}   # torch.distributed.pipelining
@@ -102,7 +103,16 @@ def torchtitan_config(spec: Spec) -> tuple[dict[str, dict[str, object]], str, li
             notes.append("zero = 1 exported as FSDP2 without resharding after forward (ZeRO-2): torchtitan has "
                          "no optimizer-only sharding")
     par["tensor_parallel_degree"] = p.tp
-    par["enable_async_tensor_parallel"] = False      # needs torch.compile; Loom's plans do not assume it
+    # tp_comm_overlap -> torchtitan's async TP (torch's micro-pipelined TP: fused all-gather-matmul and
+    # matmul-reduce-scatter), which torchtitan/distributed/tensor_parallel.py maybe_enable_async_tp refuses
+    # without torch.compile of the model: [compile] enable, components model and loss.
+    par["enable_async_tensor_parallel"] = p.tp_comm_overlap
+    if p.tp_comm_overlap:
+        notes.append("tp_comm_overlap exported as async TP (torch.compile on): torch's micro-pipelined TP, not "
+                     "TransformerEngine's userbuffers, whose schedules the simulator models")
+    if p.overlap_param_gather:
+        notes.append("overlap_param_gather: FSDP2 prefetches its parameter all-gathers during the forward by "
+                     "itself; nothing to set")
     if p.tp > 1 and not p.sp:
         notes.append("torchtitan always shards activations over TP (sequence parallel); sp = false is not expressible")
     par["pipeline_parallel_degree"] = p.pp
@@ -164,6 +174,8 @@ def torchtitan_config(spec: Spec) -> tuple[dict[str, dict[str, object]], str, li
                                          if t.recompute in ("selective", "op") else {})),
         "debug": dict(seed=t.seed),
     }
+    if p.tp_comm_overlap:
+        tables["compile"] = dict(enable=True, components=["model", "loss"])
     return tables, args, notes
 
 
@@ -205,6 +217,15 @@ def parse_torchtitan(text: str) -> tuple[dict, dict[str, object]]:
         k, v = part.split("=")
         kwargs[k] = None if v == "None" else (int(v) if re.fullmatch(r"-?\d+", v) else float(v))
     return tables, kwargs
+
+
+def overlaps_from_torchtitan(text: str) -> dict[str, bool]:
+    """The overlap options a torchtitan export sets: async TP (with compile) is tp_comm_overlap. FSDP2 always
+    overlaps its parameter gathers, so overlap_param_gather is not recoverable from the config (always False)."""
+    tables, _ = parse_torchtitan(text)
+    async_tp = bool(tables["parallelism"].get("enable_async_tensor_parallel")) and \
+        bool(tables.get("compile", {}).get("enable"))
+    return {"tp_comm_overlap": async_tp, "overlap_param_gather": False}
 
 
 def model_from_torchtitan(text: str, name: str = "custom") -> ModelSpec:

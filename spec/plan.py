@@ -83,6 +83,14 @@ class Op:
     count: int = 1                   # identical collectives this op stands for
     peer: int | None = None          # peer stage for PP send/recv
     bucket: int = -1                 # DP bucket index (reverse layer order), -1 otherwise
+    # A TP collective run inside a GEMM (parallel.tp_comm_overlap; TransformerEngine userbuffers): how ("ring":
+    # ring exchange, the GEMM works on the chunk it holds while the next one arrives; "pipeline": the GEMM in
+    # `overlap_splits` chunks, each chunk's reduce-scatter beside the next chunk's GEMM; "bulk": beside an
+    # independent GEMM), the FLOPs of the GEMMs it hides in (per rank, all `count` calls) and the chunks.
+    # "" = not overlapped. The op stays in program order on its stream; the simulator charges its exposed part.
+    overlap: str = ""
+    overlap_flops: float = 0.0
+    overlap_splits: int = 1
 
     @property
     def is_compute(self) -> bool:

@@ -105,6 +105,12 @@ class ParallelSpec(BaseModel):
     # Mesh order from outermost to innermost: the innermost dimension gets adjacent ranks (inside a node).
     mesh: tuple[Literal["pp", "dp", "cp", "tp"], ...] = ("pp", "dp", "cp", "tp")
     bucket_MB: PositiveFloat = 25.0                 # DP gradient bucket size (PyTorch DDP's default 25 MiB)
+    # Megatron-LM's communication overlaps, modelled by the simulator and exported, not run by `loom run`
+    # (docs/plan_ir.md, "Overlap options"): TP collectives inside their GEMMs (--tp-comm-overlap,
+    # TransformerEngine userbuffers; needs sp) and the distributed optimizer's parameter all-gather hidden
+    # behind the next step's forward (--overlap-param-gather; needs zero >= 1).
+    tp_comm_overlap: bool = False
+    overlap_param_gather: bool = False
 
     @property
     def size(self) -> int:

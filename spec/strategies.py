@@ -84,11 +84,15 @@ def plan_dicts(draw, tp: int | None = None) -> dict:
     tp = tp if tp is not None else draw(st.sampled_from(_DEGREES))
     pp = draw(st.sampled_from([1, 2, 4]))
     schedule = draw(st.sampled_from(["afab", "1f1b", "interleaved"] if pp > 1 else ["afab", "1f1b"]))
+    dp, cp, sp = draw(st.sampled_from(_DEGREES)), draw(st.sampled_from([1, 2, 4])), tp > 1 and draw(st.booleans())
+    zero = draw(st.sampled_from([0, 1, 2, 3]))
     return {
-        "dp": draw(st.sampled_from(_DEGREES)), "tp": tp, "pp": pp, "cp": draw(st.sampled_from([1, 2, 4])),
-        "sp": tp > 1 and draw(st.booleans()), "zero": draw(st.sampled_from([0, 1, 2, 3])),
+        "dp": dp, "tp": tp, "pp": pp, "cp": cp, "sp": sp, "zero": zero,
         "schedule": schedule, "vpp": draw(st.sampled_from([2, 3])) if schedule == "interleaved" else 1,
         "bucket_MB": draw(st.sampled_from([1.0, 25.0, 100.0])),
+        # the overlap options where spec/validate.py allows them (sp; a sharded optimizer over dp·cp > 1)
+        "tp_comm_overlap": sp and draw(st.booleans()),
+        "overlap_param_gather": zero >= 1 and dp * cp > 1 and draw(st.booleans()),
     }
 
 
@@ -211,6 +215,16 @@ def _sp_without_tp(d: dict) -> str:
     return "parallel.sp"
 
 
+def _tp_overlap_without_sp(d: dict) -> str:
+    d["parallel"]["tp_comm_overlap"], d["parallel"]["sp"] = True, False
+    return "parallel.tp_comm_overlap"
+
+
+def _param_gather_overlap_without_zero(d: dict) -> str:
+    d["parallel"]["overlap_param_gather"], d["parallel"]["zero"] = True, 0
+    return "parallel.overlap_param_gather"
+
+
 def _interleaved_without_vpp(d: dict) -> str:
     d["parallel"]["schedule"], d["parallel"]["vpp"] = "interleaved", 1
     return "parallel.vpp"
@@ -239,7 +253,8 @@ def _negative_dp(d: dict) -> str:
 
 MUTATIONS = [_tp_not_dividing_heads, _tp_not_dividing_kv, _tp_not_dividing_ffn, _world_mismatch, _unknown_gpu,
              _unknown_preset, _wrong_type, _unknown_field, _missing_field, _seq_not_divisible, _global_batch,
-             _sp_without_tp, _interleaved_without_vpp, _bogus_parallel, _fp8_on_a100, _bad_schedule, _negative_dp]
+             _sp_without_tp, _tp_overlap_without_sp, _param_gather_overlap_without_zero, _interleaved_without_vpp,
+             _bogus_parallel, _fp8_on_a100, _bad_schedule, _negative_dp]
 
 
 @st.composite

@@ -14,6 +14,10 @@ Rules and why:
 - interleaved needs vpp > 1 and, as Megatron-LM requires, micro-batches per step divisible by pp;
   afab/1f1b take vpp = 1.
 - fp8 only on GPUs with FP8 tensor cores; the CPU target trains in fp32.
+- tp_comm_overlap needs tp > 1 and sp: Megatron-LM asserts "Tensor parallel communication/GEMM overlap can happen
+  only when sequence parallelism is enabled" (megatron/training/arguments.py) and turns sp off at tp = 1.
+- overlap_param_gather needs zero >= 1 and dp·cp > 1: Megatron-LM asserts "--overlap-param-gather only supported
+  with distributed optimizer" (arguments.py); without a sharded optimizer there is no parameter all-gather.
 - recompute = "op" (per-op selective AC) needs cp = 1: the policy saves the attention kernel's outputs, and the
   executor's ring attention (cp > 1) is not one op the policy can save (it would be recomputed, with its K/V ring).
 """
@@ -106,6 +110,18 @@ def check_parallel(spec: Spec) -> list[SpecIssue]:
     if p.sp and p.tp == 1:
         issues.append(SpecIssue("parallel.sp", True, "sequence parallel needs tp > 1.",
                                 "set sp = false, or tp > 1."))
+    if p.tp_comm_overlap and (p.tp == 1 or not p.sp):
+        issues.append(SpecIssue("parallel.tp_comm_overlap", True,
+                                "TP communication/GEMM overlap needs tensor parallelism with sequence parallel "
+                                f"(tp = {p.tp}, sp = {str(p.sp).lower()}; Megatron-LM's rule: the overlapped "
+                                "collectives are SP's all-gathers and reduce-scatters).",
+                                "set sp = true with tp > 1, or tp_comm_overlap = false."))
+    if p.overlap_param_gather and (p.zero == 0 or p.dp * p.cp == 1):
+        issues.append(SpecIssue("parallel.overlap_param_gather", True,
+                                f"there is no parameter all-gather to overlap (zero = {p.zero}, dp·cp = "
+                                f"{p.dp * p.cp}): it needs a sharded optimizer over more than one rank "
+                                "(Megatron-LM: --use-distributed-optimizer).",
+                                "set zero = 1 (or 2, 3) with dp > 1, or overlap_param_gather = false."))
     if p.schedule == "interleaved":
         if p.vpp < 2:
             issues.append(SpecIssue("parallel.vpp", p.vpp, "the interleaved schedule needs vpp > 1 virtual stages.",
