@@ -44,10 +44,25 @@ def _recompute(value: str | None) -> str:
     return "full" if v.startswith("full") else "selective" if v.startswith("selective") else "none"
 
 
+def megatron_overlaps(run: dict, tp: int, dp: int, cp: int) -> dict:
+    """Parallel options implied by the Megatron-LM flags a run's notes name (one rule for every run; only the
+    Megatron-LM README rows name them): --tp-comm-overlap -> tp_comm_overlap with sp (Megatron asserts sequence
+    parallelism with it; at tp = 1 it turns both off); --overlap-param-gather -> overlap_param_gather with zero = 1
+    (Megatron asserts --use-distributed-optimizer with it; no-op without data parallelism). --overlap-grad-reduce
+    is how Loom always models DP (bucketed reduction beside the backward)."""
+    notes = run.get("notes") or ""
+    out: dict = {}
+    if "--tp-comm-overlap" in notes and tp > 1:
+        out.update(tp_comm_overlap=True, sp=True)
+    if "--overlap-param-gather" in notes and dp * cp > 1:
+        out.update(overlap_param_gather=True, zero=max(1, (run["parallel"].get("zero_stage") or 0)))
+    return out
+
+
 def spec_for_run(run: dict) -> Spec:
     """The Spec of a published run. Defaults for fields the source leaves null (one rule for every run):
     kv_heads = heads (MHA), ffn_hidden = 4·hidden, micro_batch = global / (dp · grad_accum) or 1, zero = 0,
-    recompute = selective. Architecture: names starting with "Llama" are SwiGLU/RMSNorm, all others (MPT, GPT)
+    recompute = selective; the overlap flags a run's notes name map by `megatron_overlaps`. Architecture: names starting with "Llama" are SwiGLU/RMSNorm, all others (MPT, GPT)
     GeLU/LayerNorm without biases. FP8 in the precision string -> fp8 GEMMs."""
     m, p, b = run["model"], run["parallel"], run["batch"]
     llama = m["name"].lower().startswith("llama")
@@ -76,8 +91,9 @@ def spec_for_run(run: dict) -> Spec:
                           intra_node_GBps=run.get("intra_node_bw_GBps"), inter_node_GBps=run.get("inter_node_bw_GBps"))
     training = TrainingSpec(global_batch=gb, micro_batch=mb, precision=prec, recompute=_recompute(p.get("recompute")))
     zero = p.get("zero_stage") or 0
-    parallel = ParallelSpec(dp=dp, tp=tp, pp=pp, cp=cp, sp=bool(p.get("sp")) and tp > 1, zero=zero,
-                            schedule="interleaved" if interleaved else "1f1b", vpp=vpp)
+    parallel = ParallelSpec(**{"dp": dp, "tp": tp, "pp": pp, "cp": cp, "sp": bool(p.get("sp")) and tp > 1,
+                               "zero": zero, "schedule": "interleaved" if interleaved else "1f1b", "vpp": vpp,
+                               **megatron_overlaps(run, tp, dp, cp)})
     return Spec(model=model, cluster=cluster, training=training, parallel=parallel)
 
 
