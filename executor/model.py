@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from loom.spec import ModelSpec
 from loom.spec.units import padded_vocab
 
-from . import ops
+from . import ops, sac
 from .comm import SINGLE, Group
 from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp, mark,
                  vocab_parallel_cross_entropy)
@@ -93,7 +93,9 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.d = m.heads // tp.size, m.n_kv_heads // tp.size, m.d_head
         self.rope = m.position == "rope"
         self.selective = ctx.recompute == "selective"
-        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = ops.attention
+        # per-op recompute saves attention's (out, lse): it needs attention as one op (executor/sac.py)
+        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = \
+            sac.attention_out if ctx.recompute == "op" else ops.attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         s, b, _ = x.shape                                   # x: full sequence, this rank's heads follow
@@ -212,6 +214,8 @@ class Decoder(nn.Module):
         for layer in self.layers:
             if self.recompute == "full":                     # keep only the layer input (Chen et al. 2016)
                 x = checkpoint(layer, x, rope, use_reentrant=False)
+            elif self.recompute == "op":                     # torchtitan's per-op selective AC (sac.py)
+                x = sac.run(layer, x, rope)
             else:
                 x = layer(x, rope)
         return x
