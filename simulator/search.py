@@ -9,6 +9,9 @@ recompute none/selective/full; mesh orders (outermost→innermost) ("pp","dp","c
 default), ("dp","pp","cp","tp") (Megatron's --use-tp-pp-dp-mapping), ("pp","dp","tp","cp") (CP innermost) and
 ("pp","cp","tp","dp") (DP innermost), deduplicated where they order the dimensions of degree > 1 the same way.
 CP degrees whose zigzag chunk s/(2·cp) falls below 128 tokens (FlashAttention-2's tile) are rejected unpriced.
+Not enumerated: parallel.tp_comm_overlap and overlap_param_gather (Megatron-LM's overlaps, docs/plan_ir.md). The
+plan search returns must be one `loom run` can execute, and the executor does not implement them; to estimate a
+Megatron-LM run with them, set them on the chosen plan and `loom simulate` it (or export it).
 
 Order of work: structural validity (`loom.spec.validate.check`, memoized on the fields it reads), then memory
 (`memory.stage_memory` on the first and last stage: the peak is always at one of them, since in-flight
