@@ -13,7 +13,8 @@ Definitions (stated because papers differ):
   bubble. Without PP it is ~0. Uniform stages with free communication give (p−1)/(m+p−1) for
   1F1B and AFAB and (p−1)/(v·m+p−1) for interleaving (tests/test_sim_laws.py derives it).
 - exposed_comm_s[dim]: on the rank class whose step ends last, the time of its communication ops of that mesh dim
-  during which it runs no compute op (TP collectives sit on the compute stream: all of them count).
+  during which it runs no compute op (TP collectives sit on the compute stream: all of them count; with
+  parallel.tp_comm_overlap an overlapped one lasts only its exposed part, costs.exposed_overlap).
 """
 from __future__ import annotations
 
