@@ -1,0 +1,244 @@
+"""The executor in bf16 (CPU autocast: the code path CUDA runs) and the ZeRO-3 prefetch, on gloo ranks.
+
+- The forward is bit-identical when every matmul weight and the embedding hold bf16-rounded values: what ZeRO-1/2/3
+  gather in bf16 (executor/dp.py) computes what the fp32 master would, because autocast (linears) and
+  model.amp_cast (the embedding output) round them to the same values anyway. Norm weights are used in fp32, so
+  rounding them does change the result (the documented difference, as Megatron's bf16 parameters).
+- bf16 layouts train like the bf16 single process within a tolerance derived below, and like fp32 within a looser
+  one (tolerances derived below). (The plan's bytes are checked byte for byte in tests/test_plan_executor_agreement.py's bf16 layouts.)
+- ZeRO-3 prefetch: the gather of layer i+1 (forward) or i-1 (backward) is issued before layer i finishes, the
+  results equal those without prefetch bit for bit, and the number of gathers is unchanged.
+- Init: one full-size tensor alive at a time while a rank builds its part of the model.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+LLAMA = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn_hidden": 64, "vocab": 257, "seq_len": 16,
+         "rope_theta": 10000.0}
+STEPS = 3
+
+
+def _spec(par: dict, micro_batch: int = 4, precision: str = "bf16", model: dict | None = None,
+          recompute: str = "none") -> dict:
+    par = {"bucket_MB": 0.01, **par}
+    size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
+    return {"model": copy.deepcopy(model or LLAMA), "cluster": {"gpu": "cpu", "gpus_per_node": size},
+            "training": {"global_batch": 8, "micro_batch": micro_batch, "precision": precision, "lr": 3e-3,
+                         "warmup_steps": 1, "recompute": recompute, "grad_clip": 1.0, "weight_decay": 0.1},
+            "parallel": par}
+
+
+LAYOUTS = {
+    "dp2": _spec({"dp": 2}),
+    "dp2_zero1": _spec({"dp": 2, "zero": 1}),
+    "dp2_zero3": _spec({"dp": 2, "zero": 3}, micro_batch=2),
+    "tp2_sp": _spec({"tp": 2, "sp": True}, micro_batch=8),
+    "dp2_tp2_zero2": _spec({"dp": 2, "tp": 2, "zero": 2}, micro_batch=2),
+    "dp2_pp2_zero1": _spec({"dp": 2, "pp": 2, "zero": 1, "schedule": "1f1b"}, micro_batch=2),   # 4 ranks: no replicas
+}
+WORLD = 4
+
+
+def _train(d: dict, steps: int, prefetch: bool = True):
+    from loom.executor.mesh import build_mesh
+    from loom.executor.trainer import Trainer
+    from loom.spec import spec_from_dict
+    import torch.distributed as dist
+
+    spec = spec_from_dict(d)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tr = Trainer(spec, build_mesh(spec.plan, "cpu", replicas=world // spec.plan.size), torch.device("cpu"), steps)
+    for dp in (tr.stage.dps if tr.stage is not None else [tr.dp]):
+        dp.prefetch = prefetch
+    stats = [tr.step() for _ in range(steps)]
+    return tr, [s.loss for s in stats], [s.grad_norm for s in stats]
+
+
+def _job(layouts: dict) -> dict:
+    out = {}
+    for name, d in layouts.items():
+        tr, losses, norms = _train(d, STEPS)
+        out[name] = {"losses": losses, "norms": norms, "params": tr.full_state()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    from tests.test_executor_pp_harness import RankPool
+    pool = RankPool(WORLD)
+    try:
+        ranks = pool.run(_job, LAYOUTS)
+        trace = pool.run(_prefetch_job)
+    finally:
+        pool.close()
+    refs = {}
+    for prec in ("bf16", "fp32"):
+        tr, losses, norms = _train(_spec({}, micro_batch=8, precision=prec), STEPS)
+        refs[prec] = {"losses": losses, "norms": norms, "params": tr.full_state()}
+    return {"ranks": ranks, "refs": refs, "trace": trace}
+
+
+def _worst_param(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
+
+
+# Tolerances. bf16 keeps 8 significant bits: rounding an operand errs by up to u = 2^-8 = 3.9e-3 relative (products
+# accumulate in fp32). A layout differs from the single process by a few extra roundings per element (a TP partial
+# sum rounded before its reduction, a bf16 pipeline message, bf16-rounded norm weights under ZeRO >= 1; dp.py).
+# - Gradient norm: every gradient element carries errors of order u, so the norm's relative error is of order u,
+#   not less (measured <= 2.6e-3 vs the bf16 single process, the ZeRO >= 1 layouts highest): bound 5e-3.
+# - Loss: the mean over 128 tokens of per-token errors that are independent across tokens, so well under u
+#   (measured <= 6.3e-5 vs bf16, <= 1.6e-4 vs fp32; bf16 vs fp32 single process 1.0e-4): bounds 5e-4 and 1e-3,
+#   still 40x below one step's improvement (~2e-2), so a dropped or doubled gradient shard fails.
+# - Parameters, per tensor ||a - b|| / ||b|| after 3 AdamW steps: Adam's m/sqrt(v) turns an element whose gradient
+#   is near zero into a +-lr step whichever its rounding, so bf16 noise shows at lr scale (measured <= 2.4e-2; the
+#   fp32 single process is 3.7e-2 from the bf16 one): bound 5e-2, against a training change of ~0.45 per tensor.
+BF16_LOSS, BF16_NORM, BF16_PARAM, FP32_LOSS = 5e-4, 5e-3, 5e-2, 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_bf16_layouts_train_like_the_bf16_single_process(results, name):
+    got = results["ranks"][0][name]
+    ref = results["refs"]["bf16"]
+    loss = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"]))
+    norm = max(abs(a - b) / abs(b) for a, b in zip(got["norms"], ref["norms"]))
+    assert loss < BF16_LOSS and norm < BF16_NORM, (loss, norm)
+    assert _worst_param(got["params"], ref["params"]) < BF16_PARAM
+    fp32 = results["refs"]["fp32"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(got["losses"], fp32["losses"])) < FP32_LOSS
+    for r in results["ranks"][1:]:                       # every rank reports the same losses
+        assert r[name]["losses"] == got["losses"]
+
+
+@pytest.mark.slow
+def test_bf16_is_not_fp32(results):
+    """The bf16 runs really ran in bf16 (autocast on CPU): they differ from fp32 by more than fp32 layouts do."""
+    a, b = results["refs"]["bf16"]["losses"], results["refs"]["fp32"]["losses"]
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) > 1e-5
+
+
+# ---- the forward with rounded parameters --------------------------------------------------------------------
+def test_rounded_matmul_weights_and_embedding_give_the_same_forward():
+    from loom.executor.model import BuildCtx, Decoder
+    from loom.spec import ModelSpec
+    torch.manual_seed(0)
+    m = ModelSpec(**{**LLAMA, "tied_embeddings": False})
+    dec = Decoder(BuildCtx(m, seed=3))
+    with torch.no_grad():                                 # norms away from 1.0 (exact in bf16), as after training
+        for n, p in dec.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.01)
+    ids = torch.randint(m.vocab, (2, m.seq_len))
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return dec.loss_sum(dec(ids), ids)
+
+    before = loss()
+    with torch.no_grad():
+        for n, p in dec.named_parameters():
+            if "norm" not in n:
+                p.copy_(p.to(torch.bfloat16))
+    assert torch.equal(loss(), before)                  # bit for bit
+    with torch.no_grad():
+        for n, p in dec.named_parameters():
+            if "norm" in n:
+                p.copy_(p.to(torch.bfloat16))
+    assert not torch.equal(loss(), before)              # norms are used in fp32: the documented difference
+
+
+# ---- ZeRO-3 prefetch ----------------------------------------------------------------------------------------
+def _prefetch_job() -> dict:
+    """dp2 ZeRO-3 (replicated twice over 4 ranks), 4 layers: the order of gather issues, waits and layer
+    forward/backward boundaries, and the losses with and without prefetch."""
+    from loom.executor import comm
+    from loom.executor.dp import DataParallel
+
+    d = _spec({"dp": 2, "zero": 3}, micro_batch=2, precision="fp32", model={**LLAMA, "layers": 4})
+    events: list[tuple] = []
+    issue, gather = DataParallel._issue, DataParallel._gather
+
+    def rec_issue(self, u):
+        events.append(("issue", u.index))
+        issue(self, u)
+
+    def rec_gather(self, u):
+        if not u.gathered:
+            events.append(("need", u.index))
+        gather(self, u)
+
+    DataParallel._issue, DataParallel._gather = rec_issue, rec_gather
+    try:
+        comm.LOG.clear()
+        tr, losses, _ = _train(d, 2)
+        n_with = sum(1 for r in comm.LOG.records if ">zero_allgather" in r.tag)
+        # layer boundaries, recorded after the step's own hooks (registered earlier) have run
+        for i, layer in enumerate(tr.model.layers):
+            layer.register_forward_hook(lambda *a, i=i: events.append(("fwd_end", i)))
+            layer.register_full_backward_hook(lambda *a, i=i: events.append(("bwd_end", i)))
+        events.clear()
+        tr.step()
+        trace = list(events)
+        comm.LOG.clear()
+        _, losses_off, _ = _train(d, 2, prefetch=False)
+        n_without = sum(1 for r in comm.LOG.records if ">zero_allgather" in r.tag)
+    finally:
+        DataParallel._issue, DataParallel._gather = issue, gather
+    return {"trace": trace, "losses": losses, "losses_off": losses_off, "n_with": n_with, "n_without": n_without,
+            "layers": len(tr.model.layers), "units": len(tr.dp.units)}
+
+
+@pytest.mark.slow
+def test_zero3_prefetches_the_next_layer_while_this_one_computes(results):
+    r = results["trace"][0]
+    n = r["layers"]
+    unit = lambda layer: n - 1 - layer                   # units are in reverse layer order, the root last
+    ev = r["trace"]
+    pos = lambda e: [k for k, x in enumerate(ev) if x == e]
+    for i in range(n - 1):                                # forward: layer i+1's gather issued before layer i ends
+        assert pos(("issue", unit(i + 1)))[0] < pos(("fwd_end", i))[0], ev
+    for i in range(1, n):                                 # backward: layer i-1's gather issued before i's ends
+        issues = pos(("issue", unit(i - 1)))
+        assert len(issues) >= 2 and issues[1] < pos(("bwd_end", i))[0], ev
+    # a need is cold when the gather is issued only then; per micro-batch only the first layer of the forward and
+    # the last of the backward (and the root unit, gathered before the forward) start cold
+    cold = [e[1] for k, e in enumerate(ev[:-1]) if e[0] == "need" and ev[k + 1] == ("issue", e[1])]
+    warm = [e[1] for k, e in enumerate(ev[:-1]) if e[0] == "need" and ev[k + 1] != ("issue", e[1])]
+    mbs = 2
+    assert sorted(u for u in cold if u < n) == sorted([unit(0), unit(n - 1)] * mbs), ev
+    assert len([u for u in warm if u < n]) == 2 * (n - 1) * mbs, ev
+    assert r["losses"] == r["losses_off"]                 # bit for bit
+    assert r["n_with"] == r["n_without"] > 0             # the same gathers, the plan's count
+
+
+# ---- init ---------------------------------------------------------------------------------------------------
+def test_init_holds_one_full_tensor_at_a_time(monkeypatch):
+    """A rank builds its part holding at most one full-size tensor (the shards it keeps aside): tied embeddings on
+    a last stage draw the table again rather than keep it while the layers are built."""
+    from loom.executor import model as model_mod
+    from loom.spec import ModelSpec
+    live, peak = [0], [0]
+    orig = model_mod.BuildCtx.full
+
+    def full(self, *a, **k):
+        t = orig(self, *a, **k)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
+        return t
+
+    monkeypatch.setattr(model_mod.BuildCtx, "full", full)
+    m = ModelSpec(**{**LLAMA, "tied_embeddings": True})
+    for first, last in ((True, True), (True, False), (False, True)):
+        peak[0] = 0
+        dec = model_mod.Decoder(model_mod.BuildCtx(m, seed=1), layers=range(2), first=first, last=last)
+        gc.collect()
+        assert peak[0] == 1 and live[0] == 0, (first, last, peak[0], live[0])
+        assert all(p.device.type == "cpu" for p in dec.parameters())
