@@ -38,10 +38,16 @@ def _gpu(name: str) -> str:
 
 
 def _recompute(value: str | None) -> str:
+    """The stated recompute as Loom's policy, by the rule memory_accuracy.py's recompute_for states: torchtitan's
+    per-op selective AC ("selective (per-op SAC)") is Loom's "op", other selective AC Loom's selective."""
     if value is None:
         return "selective"           # Loom's default, used when the source does not say
     v = value.lower()
-    return "full" if v.startswith("full") else "selective" if v.startswith("selective") else "none"
+    if v.startswith("full"):
+        return "full"
+    if "per-op" in v:
+        return "op"
+    return "selective" if v.startswith("selective") else "none"
 
 
 def megatron_overlaps(run: dict, tp: int, dp: int, cp: int) -> dict:

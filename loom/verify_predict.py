@@ -146,7 +146,7 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
     out = {k: 0 for k in COMM_ROWS}
     chunks = stage_chunks(spec, stage)
     units = stage_units(spec, stage)
-    full_rc = t.recompute == "full"
+    full_rc = t.recompute in ("full", "op")     # per-op recompute reruns the same collectives (executor/sac.py)
     for (layers, first, last), cunits in zip(chunks, units):
         n = len(layers)
         emb, head = (1 if first else 0), (1 if last else 0)

@@ -24,7 +24,8 @@ from loom.spec.validate import check
 from .fast_cost import fast_step, mfu
 from .memory import grad_bytes, memory_report, optimizer_bytes, param_bytes
 
-_STRONGER = {"none": ("selective", "full"), "selective": ("full",), "full": ()}
+# recompute policies keeping less, in order (per-op "op" keeps less than selective: simulator/activations.py)
+_STRONGER = {"none": ("selective", "op", "full"), "selective": ("op", "full"), "op": ("full",), "full": ()}
 MAX_SHOWN = 3
 
 

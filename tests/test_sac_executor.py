@@ -2,9 +2,9 @@
 the memory model (simulator/activations.py op_layer_bytes).
 
 - parity: one process, Llama-style and GPT-2-style (biases: aten.addmm) decoders, loss and every gradient equal to
-  the no-recompute run's; under tp2 and tp2+SP (gloo), two Trainer steps give the no-recompute losses and
-  gradient norms, and every collective the step issues is one the plan lists (the recompute reruns the TP
-  collectives up to the checkpoint's early stop, as for full recompute);
+  the no-recompute run's; under tp2, tp2+SP and dp2 ZeRO-3 (gloo), two Trainer steps give the no-recompute
+  losses and gradient norms, and the TP/SP collectives and ZeRO-3 gathers the step issues are the plan's, call
+  for call (the recompute reruns the TP collectives up to the checkpoint's early stop, as full recompute does);
 - memory: what the layers keep alive between forward and backward, measured by liveness: every storage an op
   creates during the layers' forward (a TorchDispatchMode records a weak reference to it) that is still alive
   after the forward, parameters, buffers and the output excluded, plus the first layer's input. This sees the
@@ -117,22 +117,25 @@ def test_liveness_counts_what_saved_tensor_hooks_count():
     y.sum().backward()
 
 
-# ---- tensor parallel, on gloo ranks ----------------------------------------------------------------------------
-def _spec_dict(recompute: str, sp: bool) -> dict:
+# ---- tensor parallel and ZeRO-3, on gloo ranks ------------------------------------------------------------------
+LAYOUTS = {"tp2": {"tp": 2}, "tp2_sp": {"tp": 2, "sp": True}, "dp2_zero3": {"dp": 2, "zero": 3}}
+
+
+def _spec_dict(recompute: str, layout: str) -> dict:
     return {"model": dict(LLAMA, layers=2), "cluster": {"gpu": "cpu", "gpus_per_node": 2},
-            "training": {"global_batch": 4, "micro_batch": 2, "precision": "fp32", "lr": 1e-3, "warmup_steps": 1,
-                         "recompute": recompute, "grad_clip": 1.0},
-            "parallel": {"tp": 2, "sp": sp, "bucket_MB": 0.01}}
+            "training": {"global_batch": 4, "micro_batch": 1 if "dp2" in layout else 2, "precision": "fp32",
+                         "lr": 1e-3, "warmup_steps": 1, "recompute": recompute, "grad_clip": 1.0},
+            "parallel": {**LAYOUTS[layout], "bucket_MB": 0.01}}
 
 
-def _tp_job(sp: bool) -> dict:
+def _job(layout: str) -> dict:
     from loom.executor import comm
     from loom.executor.mesh import build_mesh
     from loom.executor.trainer import Trainer
     from loom.spec import spec_from_dict
     out: dict = {}
     for r in ("none", "op"):
-        spec = spec_from_dict(_spec_dict(r, sp))
+        spec = spec_from_dict(_spec_dict(r, layout))
         tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=2)
         stats, logs = [], []
         for _ in range(2):
@@ -141,48 +144,48 @@ def _tp_job(sp: bool) -> dict:
             stats.append((s.loss, s.grad_norm))
             logs.append([(c.kind, c.group, c.bytes, c.tag) for c in comm.LOG.records])
         out[r] = {"stats": stats, "comm": logs[-1]}
-        if r == "op":
+        if r == "op" and spec.plan.tp > 1:
             m = spec.model
             torch.manual_seed(0)
-            x0 = torch.randn(m.seq_len // (2 if sp else 1), 2, m.hidden, requires_grad=True)
+            x0 = torch.randn(m.seq_len // (2 if spec.plan.sp else 1), 2, m.hidden, requires_grad=True)
             out["kept"] = kept_per_layer(tr.model, x0)
     return out
 
 
 @pytest.fixture(scope="module")
-def tp_runs() -> dict:
+def pool_runs() -> dict:
     from tests.test_executor_pp_harness import RankPool
     pool = RankPool(2)
     try:
-        return {sp: pool.run(_tp_job, sp) for sp in (False, True)}
+        return {name: pool.run(_job, name) for name in LAYOUTS}
     finally:
         pool.close()
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
-def test_tp_op_recompute_parity_comm_and_memory(tp_runs, sp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_op_recompute_parity_comm_and_memory_on_ranks(pool_runs, layout):
     from collections import Counter
 
     from loom.spec import compile_plan, spec_from_dict
-    from tests.test_plan_executor_agreement import EXACT, IGNORED, classify
-    spec = spec_from_dict(_spec_dict("op", sp))
+    from tests.test_plan_executor_agreement import EXACT, classify
+    spec = spec_from_dict(_spec_dict("op", layout))
     plan = compile_plan(spec)
+    exact = set(EXACT) | ({"zero_allgather"} if spec.plan.zero == 3 else set())
     want: Counter = Counter()
     for op in plan.program(0):
-        if op.group == "tp":
+        if op.kind.value in exact:
             want[(op.kind.value, round(op.msg_bytes))] += op.count
-    m = spec.model
-    for rank in tp_runs[sp]:
+    m, p = spec.model, spec.plan
+    for rank in pool_runs[layout]:
         for (l_op, n_op), (l_none, n_none) in zip(rank["op"]["stats"], rank["none"]["stats"]):
             assert l_op == pytest.approx(l_none, rel=1e-6) and n_op == pytest.approx(n_none, rel=1e-6)
         got: Counter = Counter()
         for kind, group, nbytes, tag in rank["op"]["comm"]:
             k = classify(kind, group, nbytes, tag)
-            if k in EXACT:
+            if k in exact:
                 got[(k, nbytes)] += 1
-            else:
-                assert k in (None, IGNORED) or not k.startswith(("tp", "sp"))
-        assert got == want
-        # each rank keeps its TP share: Q, V, gate, attention out and LSE halved, the down projection's partial
-        # sum whole, the input halved under SP only
-        assert rank["kept"] == op_layer_bytes(m, 2 * m.seq_len, 4, tp=2, sp=sp)
+        assert got == want            # TP/SP collectives incl. the recompute's; ZeRO-3 gathers, call for call
+        if p.tp > 1:
+            # each rank keeps its TP share: Q, V, gate, attention out and LSE halved, the down projection's
+            # partial sum whole, the input halved under SP only
+            assert rank["kept"] == op_layer_bytes(m, 2 * m.seq_len, 4, tp=2, sp=p.sp)

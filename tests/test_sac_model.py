@@ -131,3 +131,21 @@ def test_exports():
     with pytest.raises(SpecError) as e:
         megatron_args(spec)
     assert e.value.issues[0].field == "training.recompute"
+
+
+def test_sim_accuracy_maps_per_op_sac_to_op():
+    """benchmarks/sim_accuracy.py applies the same rule as memory_accuracy.py's recompute_for."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_accuracy.py"
+    spec = importlib.util.spec_from_file_location("sim_accuracy_for_sac", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.RUNS.exists():
+        pytest.skip(f"reference data {bench.RUNS} not present")
+    runs = [r for r in json.loads(bench.RUNS.read_text()) if "per-op" in (r["parallel"].get("recompute") or "")]
+    assert len(runs) == 14
+    assert {bench.spec_for_run(r).training.recompute for r in runs} == {"op"}
+    assert [bench._recompute(v) for v in ("full", "selective", None, "none")] == ["full", "selective", "selective",
+                                                                                 "none"]
