@@ -6,8 +6,10 @@ token batches (the byte-level stdlib corpus). Reported per run: tokens/s, MFU (M
 the PaLM convention: 6·N + 12·L·q_dim·s, against the catalog's dense bf16 peak) and peak allocated memory.
 
   python benchmarks/train_gpu.py                 # the 1.5B comparison (needs CUDA; ~2 min)
-  python benchmarks/train_gpu.py --cpu-smoke     # a tiny fp32 version on CPU (checks the script, not speed)
-Without CUDA and without --cpu-smoke it says so and exits 0. The table is the last thing printed.
+  python benchmarks/train_gpu.py --loom-recompute none,selective --json out.json   # two Loom runs, results saved
+  python benchmarks/train_gpu.py --cpu-smoke     # a tiny bf16 version on CPU (checks the script, not speed)
+Without CUDA and without --cpu-smoke it says so and exits 0. The table is the last thing printed; its "target"
+column holds issue 5's goal for the Loom runs: MFU >= 60 % within 33 GB of peak allocated memory.
 """
 from __future__ import annotations
 
@@ -37,10 +39,13 @@ def catalog_gpu(name: str) -> str:
     return "H100-SXM"
 
 
-def make_spec(model: dict, gpu: str, precision: str, micro_batch: int):
+TARGET_MFU, TARGET_GIB = 0.60, 33.0 * 1e9 / 2**30      # issue 5: >= 60 % MFU within 33 GB
+
+
+def make_spec(model: dict, gpu: str, precision: str, micro_batch: int, recompute: str = "none"):
     return spec_from_dict({"model": model, "cluster": {"gpu": gpu, "gpus_per_node": 1},
                            "training": {"global_batch": micro_batch, "micro_batch": micro_batch,
-                                        "precision": precision, "recompute": "none", "lr": 3e-4,
+                                        "precision": precision, "recompute": recompute, "lr": 3e-4,
                                         "lr_schedule": "constant", "grad_clip": 1.0},
                            "parallel": {"dp": 1}})
 
@@ -97,8 +102,7 @@ def run_plain(spec, batches, steps: int, warmup: int, device) -> dict:
     model = PlainLlama(spec.model).to(device)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                   enabled=False)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16")
     times, losses = [], []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
@@ -141,13 +145,17 @@ def run_loom(spec, steps: int, warmup: int, device) -> tuple[dict, list]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 model on CPU")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny bf16 model on CPU (CPU autocast)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--loom-recompute", default="none",
+                    help="comma-separated recompute modes, one Loom run each (none, selective, full)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.loom_recompute.split(",") if m.strip()]
     if args.cpu_smoke:
         torch.set_num_threads(1)        # a loaded 2-core machine makes multi-threaded tiny matmuls spin-wait
-        device, model, gpu, prec, mb = torch.device("cpu"), TINY, "cpu", "fp32", 2
+        device, model, gpu, prec, mb = torch.device("cpu"), TINY, "cpu", "bf16", 2
         steps, warmup = args.steps or 3, args.warmup or 1
     else:
         if not torch.cuda.is_available():
@@ -159,27 +167,41 @@ def main(argv=None) -> int:
         model, gpu, prec, mb = LLAMA_1B5, catalog_gpu(torch.cuda.get_device_name()), "bf16", 2
         steps, warmup = args.steps or 10, args.warmup or 3
     spec = make_spec(model, gpu, prec, mb)
-    peak = spec.gpu.peak_flops[prec]
+    peak = spec.gpu.peak_flops[prec] if device.type == "cuda" else spec.gpu.peak_flops["fp32"]
     tokens = spec.tokens_per_step
     flops = spec.model.model_flops_per_token() * tokens
 
-    loom, batches = run_loom(spec, steps, warmup, device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    plain = run_plain(spec, batches, steps, warmup, device)
+    runs, batches = [], None
+    for mode in modes:                      # the same batches for every run (the data order is the spec's)
+        r, batches = run_loom(make_spec(model, gpu, prec, mb, mode), steps, warmup, device)
+        runs.append((f"loom executor ({mode})", r))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    runs.append(("plain PyTorch", run_plain(spec, batches, steps, warmup, device)))
 
-    rows = []
-    for name, r in (("loom executor", loom), ("plain PyTorch", plain)):
-        rows.append([name, f"{tokens / r['step_s']:,.0f}", f"{100 * flops / (r['step_s'] * peak):.1f}",
+    rows, results = [], []
+    for name, r in runs:
+        mfu = flops / (r["step_s"] * peak)
+        ok = mfu >= TARGET_MFU and 0 < r["mem"] <= TARGET_GIB * 2**30
+        rows.append([name, f"{tokens / r['step_s']:,.0f}", f"{100 * mfu:.1f}",
                      f"{r['mem'] / 2**30:.1f}" if r["mem"] else "n/a", f"{r['step_s'] * 1e3:.0f}",
-                     f"{r['loss0']:.3f} -> {r['loss']:.3f}"])
+                     f"{r['loss0']:.3f} -> {r['loss']:.3f}",
+                     ("met" if ok else "missed") if name.startswith("loom") else ""])
+        results.append({"run": name, "tokens_per_s": tokens / r["step_s"], "mfu": mfu, "peak_bytes": r["mem"],
+                        "step_s": r["step_s"], "loss_first": r["loss0"], "loss_last": r["loss"]})
     from tabulate import tabulate
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{spec.model.name}: {spec.model.param_count() / 1e9:.2f}B params, seq {spec.model.seq_len}, "
-          f"micro-batch {mb}, {prec}; {dev} (catalog {gpu}, peak {peak / 1e12:.0f} TFLOP/s); torch "
-          f"{torch.__version__}; median of {steps} steps after {warmup} warm-up")
-    print(tabulate(rows, headers=["run", "tokens/s", "MFU %", "peak GiB", "step ms", "loss first -> last"]))
+    head = (f"{spec.model.name}: {spec.model.param_count() / 1e9:.2f}B params, seq {spec.model.seq_len}, "
+            f"micro-batch {mb}, {prec}; {dev} (catalog {gpu}, peak {peak / 1e12:.0f} TFLOP/s); torch "
+            f"{torch.__version__}; median of {steps} steps after {warmup} warm-up")
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"header": head, "runs": results}, f, indent=1)
+    print("\n" + head)
+    print(tabulate(rows, headers=["run", "tokens/s", "MFU %", "peak GiB", "step ms", "loss first -> last",
+                                  "target (60 %, 33 GB)"]))
     return 0
 
 

@@ -1,4 +1,6 @@
-"""benchmarks/train_gpu.py: its no-CUDA exit and its tiny CPU run both work (the GPU run needs a GPU)."""
+"""benchmarks/train_gpu.py and benchmarks/gpu_session.sh: the no-CUDA exit and the CPU smoke of the whole prepared
+GPU session (the GPU run needs a GPU)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,26 @@ def test_train_gpu_without_cuda_exits_cleanly():
 
 
 @pytest.mark.slow
-def test_train_gpu_cpu_smoke_prints_the_table_last():
-    r = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), "--cpu-smoke", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    last = r.stdout.strip().splitlines()[-2:]
-    assert last[0].startswith("loom executor") and last[1].startswith("plain PyTorch")
+def test_gpu_session_cpu_smoke_runs_every_part(tmp_path):
+    """benchmarks/gpu_session.sh --cpu-smoke: every part of the prepared GPU session at toy size (pytest -m gpu,
+    kernels.py, train_gpu.py with two Loom runs in bf16 autocast, loom calibrate, loom verify), through the same
+    package shim the device uses (the script fails unless loom.executor is imported from it), outputs in $OUT (at
+    most 8 files, as the device returns), the summary table last."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "--cpu-smoke"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PY": sys.executable, "OUT": str(out)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"summary.txt", "train_gpu.log", "verify.log", "profile.json"} <= set(files), files
+    summary = (out / "summary.txt").read_text()
+    assert "through the shim" not in summary and "/loom/executor/trainer.py" in summary.splitlines()[0]
+    rows = {line[:20].strip(): line[21:25].strip() for line in summary.splitlines()      # printf '%-20s %4s'
+            if line.startswith(("pytest -m", "kernels.py", "train_gpu.py", "loom calibrate", "loom verify"))}
+    assert len(rows) == 5, summary
+    for name, rc in rows.items():            # rc 0, except verify: 1 = metrics outside tolerance (CPU timing)
+        assert rc == "0" or (name == "loom verify" and rc == "1"), (name, rc, summary)
+    assert "metric" in (out / "verify.log").read_text()
+    tail = r.stdout.strip().splitlines()[-3:]
+    assert tail[0].startswith("loom executor (none)") and tail[1].startswith("loom executor (selective)")
+    assert tail[2].startswith("plain PyTorch")
