@@ -28,8 +28,8 @@ from loom.spec.units import padded_vocab
 
 from . import ops, sac
 from .comm import SINGLE, Group
-from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, enter_tp, leave_tp, mark,
-                 vocab_parallel_cross_entropy)
+from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear, enter_tp,
+                 leave_tp, mark, vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -224,7 +224,7 @@ class Decoder(nn.Module):
         """Per-token cross-entropy (fp32), shape (seq, batch). The head is column-parallel over the vocabulary
         and the loss vocab-parallel: logits are never gathered."""
         h = enter_tp(amp_cast(self.norm(x)), self.tp, self.sp)
-        logits = F.linear(h, self.head_weight)
+        logits = column_parallel_linear(h, self.head_weight)     # with SP it saves h's shard (tp.py)
         per = self.vocab_padded // self.tp.size
         return vocab_parallel_cross_entropy(logits, targets.t(), self.tp.rank * per, self.spec.vocab, self.tp)
 

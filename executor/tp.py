@@ -8,6 +8,8 @@ The four conjugate operators (Shoeybi et al. 2019 §3, Fig. 3; Korthikanti et al
   g  = reduce_from_tp:    forward all-reduce,        backward identity     (leaves a TP region, no SP)
   g' = gather_from_sp:    forward all-gather(seq),   backward reduce-scatter(seq)   (enters, with SP)
   f' = scatter_to_sp:     forward reduce-scatter(seq), backward all-gather(seq)     (leaves, with SP)
+With SP the column-parallel linears after g' save the local shard of their input and all-gather it once more in the
+backward (Korthikanti et al. 2022 §4.2.2): `column_parallel_linear`.
 """
 from __future__ import annotations
 
@@ -79,10 +81,17 @@ class _ScatterToSP(torch.autograd.Function):
 
 
 def enter_tp(x: torch.Tensor, group: Group, sp: bool) -> torch.Tensor:
-    """Into a column-parallel region: g' (all-gather the sequence) with SP, else f."""
+    """Into a column-parallel region: g' (all-gather the sequence) with SP, else f.
+
+    With SP the gathered tensor carries its shard (`_SPInput`): the column-parallel linears that read it save the
+    shard, not the gathered tensor, and gather it again in the backward (`column_parallel_linear`)."""
     if not group.active:
         return x
-    return _GatherFromSP.apply(x, group) if sp else _CopyToTP.apply(x, group)
+    if not sp:
+        return _CopyToTP.apply(x, group)
+    full = _GatherFromSP.apply(x, group)
+    full.loom_sp = (x.detach(), _SPInput(group))      # dies with `full` after the forward: ctx keeps no tensor
+    return full
 
 
 def leave_tp(x: torch.Tensor, group: Group, sp: bool) -> torch.Tensor:
@@ -90,6 +99,66 @@ def leave_tp(x: torch.Tensor, group: Group, sp: bool) -> torch.Tensor:
     if not group.active:
         return x
     return _ScatterToSP.apply(x, group) if sp else _ReduceFromTP.apply(x, group)
+
+
+# ---- sequence parallel: the column-parallel linears keep the shard -------------------------------------------------
+class _SPInput:
+    """The backward's re-gathered copy of an SP-gathered activation, shared by the linears that read it.
+
+    Korthikanti et al. 2022 §4.2.2 (and Megatron-LM's LinearWithGradAccumulationAndAsyncCommunication with
+    sequence_parallel): the linears after g' keep only this rank's shard of their input (s/t·b·h) and all-gather it
+    again in the backward for the weight gradient. Several linears read one gathered input (Q, K, V; gate, up):
+    one re-gather serves them all, as Megatron's fused QKV / FC1 GEMM does, and is dropped after the last one.
+    Holds no tensor between forward and backward (the shard is saved by autograd, where measure.py sees it)."""
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.readers = 0                   # column-parallel linears that saved the shard (counted in the forward)
+        self._full: torch.Tensor | None = None
+        self._left = 0
+
+    def gathered(self, shard: torch.Tensor) -> torch.Tensor:
+        """The full-sequence input again from the saved `shard` (as autograd unpacked it: a recompute may have
+        rebuilt it); all-gathered by the first reader's backward, dropped after the last reader's."""
+        if self._full is None:
+            self._full, self._left = _gather_seq(shard, self.group), self.readers
+        full = self._full
+        self._left -= 1
+        if self._left == 0:
+            self._full = None
+        return full
+
+
+class _LinearKeepingShard(torch.autograd.Function):
+    """y = full·Wᵀ + b, where `full` is the SP all-gather of `shard`: saves the shard (and W), not `full`. The
+    backward's GEMMs run in the gradient's dtype, as an autocast linear's do (model.amp_cast already gives the
+    shard the autocast dtype)."""
+
+    @staticmethod
+    def forward(ctx, full, shard, weight, bias, sp_input: _SPInput):
+        ctx.save_for_backward(shard, weight)
+        ctx.sp_input, ctx.in_dtype, ctx.has_bias = sp_input, full.dtype, bias is not None
+        return F.linear(full, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        shard, weight = ctx.saved_tensors
+        full = ctx.sp_input.gathered(shard).to(dy.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = dy2.t().mm(full.reshape(-1, full.shape[-1])).to(weight.dtype)
+        db = dy2.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return dy.matmul(weight.to(dy.dtype)).to(ctx.in_dtype), None, dw, db, None
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """F.linear for a column-parallel weight; an SP-gathered input (from enter_tp) is saved as its shard."""
+    sp = getattr(x, "loom_sp", None)
+    if sp is None or not torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    shard, sp_input = sp
+    sp_input.readers += 1
+    return _LinearKeepingShard.apply(x, shard, weight, bias, sp_input)
 
 
 # ---- parameter metadata ----------------------------------------------------------------------------------------
@@ -120,7 +189,7 @@ class ColumnParallelLinear(nn.Module):
             nn.Parameter(full_bias.chunk(group.size)[group.rank].clone()), tp_split=group.size > 1, decay=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return column_parallel_linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):

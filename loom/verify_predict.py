@@ -158,8 +158,10 @@ def comm_bytes(spec, stage: int, device: str = "cpu") -> dict[str, int]:
             # Full recompute reruns each layer's forward inside the backward, but torch.utils.checkpoint stops the
             # rerun once the last saved tensor is rebuilt (non-reentrant early stop, torch/utils/checkpoint.py
             # `_checkpoint_early_stop`, default on): the MLP's leave (the layer's last collective) is not repeated.
+            # With SP the backward all-gathers each entered input again from the shard its linears saved
+            # (tp.py column_parallel_linear): 2 per layer and the LM head input (hi).
             if sp:
-                ag = (2 * n + head) * hi + 2 * n * lo + emb * hi + (2 * n * hi if full_rc else 0)
+                ag = 2 * (2 * n + head) * hi + 2 * n * lo + emb * hi + (2 * n * hi if full_rc else 0)
                 rs = 2 * n * lo + emb * hi + (2 * n + head) * hi + (n * lo if full_rc else 0)
                 out["sp_allgather"] += M * A * ag
                 out["sp_reducescatter"] += M * A * rs

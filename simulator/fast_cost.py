@@ -141,11 +141,15 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
                                  wire_bytes=_ring(k, p.tp, sh.act_msg) * 2 * n)
     # full recompute reruns a layer up to torch checkpoint's early stop: 1 of 2 all-reduces (SP: 3 of 4 calls)
     tp_f = tp_b = t_tp_pass
+    if p.tp > 1 and p.sp:   # the backward re-gathers the QKV and FC1 input shards (Korthikanti §4.2.2; compile_plan)
+        tp_b += dur(OpKind.SP_ALLGATHER, group="tp", group_size=p.tp, count=2 * n, msg_bytes=sh.act_msg,
+                    wire_bytes=_ring(OpKind.SP_ALLGATHER, p.tp, sh.act_msg) * 2 * n)
     tp_r = ((0.75 if p.sp else 0.5) if t.recompute in ("full", "op") else 0) * t_tp_pass
     if p.tp_comm_overlap and p.tp > 1:
         # compile_plan's tp_overlap_ops: one collective per GEMM partner, charged its exposed part
         # (costs.exposed_overlap): forward AG ring with QKV/FC1, RS pipelined (4) with proj/FC2; backward AG ring
-        # with the proj/FC2 dgrad, RS bulk beside the QKV/FC1 wgrad; full recompute the forward's QKV, FC1, proj
+        # with the proj/FC2 dgrad, AG (input re-gather) bulk beside the QKV/FC1 dgrad, RS bulk beside the QKV/FC1
+        # wgrad; full recompute the forward's QKV, FC1, proj
         AG, RS = OpKind.SP_ALLGATHER, OpKind.SP_REDUCESCATTER
 
         def ov(k: OpKind, method: str, gemm: str, splits: int) -> float:
@@ -154,8 +158,8 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
             return exposed_overlap(method, c, cost.gemm_time(toks * n * sh.gemm_f[gemm]), splits)
         tp_f = ov(AG, "ring", "qkv", p.tp) + ov(AG, "ring", "fc1", p.tp) + ov(RS, "pipeline", "proj", 4) \
             + ov(RS, "pipeline", "fc2", 4)
-        tp_b = ov(AG, "ring", "proj", p.tp) + ov(AG, "ring", "fc2", p.tp) + ov(RS, "bulk", "qkv", 1) \
-            + ov(RS, "bulk", "fc1", 1)
+        tp_b = ov(AG, "ring", "proj", p.tp) + ov(AG, "ring", "fc2", p.tp) + ov(AG, "bulk", "qkv", 1) \
+            + ov(AG, "bulk", "fc1", 1) + ov(RS, "bulk", "qkv", 1) + ov(RS, "bulk", "fc1", 1)
         if t.recompute == "full":
             tp_r = ov(AG, "ring", "qkv", p.tp) + ov(AG, "ring", "fc1", p.tp) + ov(RS, "pipeline", "proj", 4)
 

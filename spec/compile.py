@@ -8,11 +8,13 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
   matmuls (every second one) and all memory-bound work - the same accounting as train_flops_per_token.
 - TP (Megatron-LM, Shoeybi et al. 2019 §3): per layer 2 all-reduces of b·(s/c)·h in the forward (after attention
   and MLP) and 2 in the backward; with sequence parallel each becomes an all-gather + reduce-scatter pair
-  (Korthikanti et al. 2022 §4.2.2), i.e. 2 AG + 2 RS per layer per pass. Plus what the executor issues around
-  the layers: the vocab-parallel embedding's reduction (forward; SP: reduce-scatter forward, all-gather backward),
-  the LM head input's entry (backward all-reduce; SP: all-gather forward, reduce-scatter backward) and the
-  vocab-parallel cross-entropy's 3 all-reduces of one fp32 per token. Full and op recompute repeat the forward's
-  up to torch checkpoint's early stop: 1 all-reduce per layer (SP: 2 AG + 1 RS).
+  (Korthikanti et al. 2022 §4.2.2), i.e. 2 AG + 2 RS per layer per pass, and the backward all-gathers the QKV
+  and FC1 inputs again from the shards they saved (same §: 2 more AG per layer, 1 for the LM head input). Plus
+  what the executor issues around the layers: the vocab-parallel embedding's reduction (forward; SP:
+  reduce-scatter forward, all-gather backward), the LM head input's entry (backward all-reduce; SP: all-gather
+  forward, reduce-scatter backward) and the vocab-parallel cross-entropy's 3 all-reduces of one fp32 per token.
+  Full and op recompute repeat the forward's up to torch checkpoint's early stop: 1 all-reduce per layer (SP: 2 AG
+  + 1 RS).
 - CP ring attention (Liu et al. 2023, Ring Attention; Megatron-LM/TransformerEngine p2p CP): c-1 steps per layer,
   each sending this rank's K and V block, b·(s/c)·2·kv_dim/t elements; the backward sends the K/V blocks again
   and c-1 dK/dV blocks, in fp32 (the accumulator's precision). Any recompute reruns attention, hence its exchange.
@@ -301,6 +303,8 @@ def compile_plan(spec) -> Plan:
                   input enters once (all-gather, last); the cross-entropy's 3 all-reduces of one fp32 per token;
                 - backward: the conjugates: per layer 2 entries (all-reduce; SP reduce-scatter) and, with SP, 2
                   leaves (all-gather); the LM head input's entry (last) and, with SP, the embedding's leave (first);
+                  with SP also the re-gathers of the column-parallel linears' saved input shards (Korthikanti et
+                  al. 2022 §4.2.2; executor/tp.py column_parallel_linear): per layer 2 (QKV, FC1) and the LM head's;
                 - full recompute: torch.utils.checkpoint (non-reentrant) stops the rerun once the last saved
                   tensor is rebuilt (`_checkpoint_early_stop`), so the MLP's leave, the layer's last collective,
                   is not repeated: 1 all-reduce per layer; SP: 2 all-gathers and 1 reduce-scatter.
@@ -313,7 +317,8 @@ def compile_plan(spec) -> Plan:
                         if par.sp else [(OpKind.TP_ALLREDUCE, 2 * n + fst, act)]
                     return ops + ([(OpKind.TP_ALLREDUCE, 3, sh.ce_msg)] if last else [])
                 if kind == OpKind.BACKWARD:
-                    return [(OpKind.SP_ALLGATHER, 2 * n + fst, act), (OpKind.SP_REDUCESCATTER, 2 * n + lst, act)] \
+                    return [(OpKind.SP_ALLGATHER, 4 * n + fst + lst, act),
+                            (OpKind.SP_REDUCESCATTER, 2 * n + lst, act)] \
                         if par.sp else [(OpKind.TP_ALLREDUCE, 2 * n + lst, act)]
                 if recompute not in ("full", "op"):        # op: the same early stop (the down projection's
                     return []                              # input is the last tensor rebuilt)
@@ -329,8 +334,8 @@ def compile_plan(spec) -> Plan:
                   pipelined in 4 chunks ("proj_fprop", "fc2_fprop": num_splits 4);
                 - backward: the all-gathers of the output gradient by ring exchange with the proj/FC2 dgrad GEMMs
                   ("proj_dgrad", "fc2_dgrad"); the reduce-scatters of the QKV/FC1 input gradient in bulk beside
-                  their wgrad GEMMs ("qkv_wgrad", "fc1_wgrad"; TE also bulk-overlaps an all-gather of the saved
-                  input with the dgrad GEMM, which Loom's plan has no op for: it keeps the gathered input);
+                  their wgrad GEMMs ("qkv_wgrad", "fc1_wgrad") and the re-gathers of their saved input shards in
+                  bulk beside their dgrad GEMMs ("qkv_dgrad", "fc1_dgrad"); the LM head's re-gather unoverlapped;
                 - full recompute reruns the forward's up to the early stop (QKV, FC1 all-gathers; proj's RS);
                   "op" recompute (torchtitan's per-op policy) reruns them without the overlap.
                 The embedding's, the LM head input's and the cross-entropy's collectives are not in TE layers
@@ -344,7 +349,8 @@ def compile_plan(spec) -> Plan:
                     return ops + ([(OpKind.TP_ALLREDUCE, 3, sh.ce_msg, "", 0.0, 1)] if last else [])
                 if kind == OpKind.BACKWARD:
                     return [(AG, n, act, "ring", toks * g["proj"], tp), (AG, n, act, "ring", toks * g["fc2"], tp),
-                            (AG, fst, act, "", 0.0, 1), (RS, n, act, "bulk", toks * g["qkv"], 1),
+                            (AG, n, act, "bulk", toks * g["qkv"], 1), (AG, n, act, "bulk", toks * g["fc1"], 1),
+                            (AG, fst + lst, act, "", 0.0, 1), (RS, n, act, "bulk", toks * g["qkv"], 1),
                             (RS, n, act, "bulk", toks * g["fc1"], 1), (RS, lst, act, "", 0.0, 1)]
                 if recompute == "op":        # torchtitan's policy (no TE equivalent): charged unoverlapped
                     return [(AG, 2 * n, act, "", 0.0, 1), (RS, n, act, "", 0.0, 1)]

@@ -120,8 +120,10 @@ def test_tp_volume_is_closed_form(sp):
     wire = sum(o.wire_bytes for o in plan.ops() if o.kind in kinds)
     # Megatron: 4 all-reduces per layer per micro-batch (2 fwd, 2 bwd) = 4·2(t-1)/t·act; with SP 4 AG + 4 RS of
     # (t-1)/t·act each: the same volume (Korthikanti et al. 2022 §4.2.2). Around the layers: the embedding's
-    # reduction and the head input's backward one (SP: an AG + RS pair each), and the cross-entropy's.
-    assert wire == pytest.approx(m * ((L * 4 + 2) * 2 * (t - 1) / t * act + 2 * (t - 1) / t * ce))
+    # reduction and the head input's backward one (SP: an AG + RS pair each), and the cross-entropy's. SP also
+    # all-gathers the saved input shards of QKV, FC1 (per layer) and the LM head again in the backward (same §).
+    regather = (2 * L + 1) * (t - 1) / t * act if sp else 0.0
+    assert wire == pytest.approx(m * ((L * 4 + 2) * 2 * (t - 1) / t * act + regather + 2 * (t - 1) / t * ce))
 
 
 def test_split_layers_llama3_405b():
