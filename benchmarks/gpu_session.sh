@@ -10,8 +10,8 @@
 #                                              # carry [".whl"], timeout_s 600
 #   benchmarks/gpu_session.sh --cpu-smoke      # here: every part at toy size on CPU (tests/test_executor_bench.py)
 #
-# Parts: pytest -m gpu; benchmarks/kernels.py --quick; benchmarks/train_gpu.py (1.5B Loom, recompute none and
-# selective, vs plain PyTorch); loom calibrate (bounded); loom verify examples/llama-1.5b-h200.toml with that
+# Parts: pytest -m gpu; benchmarks/kernels.py --quick; benchmarks/train_gpu.py (1.5B Loom with recompute none and
+# full, vs plain PyTorch); loom calibrate (bounded); loom verify examples/llama-1.5b-h200.toml with that
 # profile. Nothing is pip-installed from an index there: the repo is put on PYTHONPATH through a small package
 # shim (pyproject maps spec/ -> loom.spec etc.) and the carried wheels go to /tmp/site with --no-index --no-deps.
 set -u
@@ -60,15 +60,18 @@ sys.exit(0 if where.startswith('$SHIM') else 'gpu_session: loom was not imported
 
 if [ "$MODE" = "--cpu-smoke" ]; then
     SPEC="$ROOT/examples/tiny-cpu.toml"
-    TRAIN_ARGS="--cpu-smoke --steps 2 --loom-recompute none,selective"
+    TRAIN_ARGS="--cpu-smoke --steps 2 --loom-recompute none,full"
     CAL_S=4; VERIFY_STEPS=2
     T_PYTEST=240; T_KERN=60; T_TRAIN=120; T_CAL=90; T_VERIFY=240
 else
     SPEC="$ROOT/examples/llama-1.5b-h200.toml"
-    TRAIN_ARGS="--loom-recompute none,selective"
-    CAL_S=40; VERIFY_STEPS=3
-    # 120 + 60 + 170 + 70 + 110 = 530 s at most, plus start-up: within the run tool's 600 s
-    T_PYTEST=120; T_KERN=60; T_TRAIN=170; T_CAL=70; T_VERIFY=110
+    # none: the MFU ceiling (estimated ~38 GB: 16 B/param of fp32 states + bf16 weight copies + ~0.7 GB of
+    # activations per layer); full: the run that should fit 33 GB
+    TRAIN_ARGS="--loom-recompute none,full"
+    CAL_S=30; VERIFY_STEPS=3
+    # 90 + 80 + 180 + 55 + 110 = 515 s at most, plus ~15 s of set-up: within the run tool's 600 s. train_gpu:
+    # three 1.5B inits on the host (~20 s each), Triton's first compiles, 13 steps per run.
+    T_PYTEST=90; T_KERN=80; T_TRAIN=180; T_CAL=55; T_VERIFY=110
 fi
 
 declare -a NAMES RCS SECS LAST
@@ -80,7 +83,8 @@ part() {   # part NAME TIMEOUT_S LOG CMD...: run bounded, log to $OUT/LOG, remem
     local rc=$?
     NAMES+=("$name"); RCS+=("$rc"); SECS+=("$(( $(date +%s) - t ))")
     LAST+=("$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-110)")
-    echo "    rc $rc, $(( $(date +%s) - t )) s: ${LAST[-1]}"
+    # appended as each part ends: if the whole call is cut short, summary.txt still says how far it got
+    echo "    rc $rc, $(( $(date +%s) - t )) s: ${LAST[-1]}" | tee -a "$OUT/summary.txt"
 }
 
 part "pytest -m gpu" "$T_PYTEST" pytest_gpu.log "$PY" -m pytest -m gpu -q -p no:cacheprovider "$ROOT/tests"

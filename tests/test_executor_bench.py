@@ -39,5 +39,5 @@ def test_gpu_session_cpu_smoke_runs_every_part(tmp_path):
         assert rc == "0" or (name == "loom verify" and rc == "1"), (name, rc, summary)
     assert "metric" in (out / "verify.log").read_text()
     tail = r.stdout.strip().splitlines()[-3:]
-    assert tail[0].startswith("loom executor (none)") and tail[1].startswith("loom executor (selective)")
+    assert tail[0].startswith("loom executor (none)") and tail[1].startswith("loom executor (full)")
     assert tail[2].startswith("plain PyTorch")
