@@ -85,7 +85,9 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group: Group, layout: Layout, causal: bool, scale: float, timeout_s: float):
         n, r, L = group.size, group.rank, q.shape[2]
         ring = _Ring(group, timeout_s)
-        out = torch.zeros(q.shape, dtype=_acc(q), device=q.device)
+        # q's memory layout (sequence-first in the model): out then reshapes into the output projection's input
+        # as a view, so the two save one storage, as loom.kernels' attention does (kernels/twins.py)
+        out = torch.zeros_like(q, dtype=_acc(q))
         lse = torch.full(q.shape[:3], float("-inf"), dtype=_acc(q), device=q.device)
         kv = torch.stack((k, v))
         for step in range(n):
