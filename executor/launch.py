@@ -67,6 +67,9 @@ def run_from_cli(spec_path: str, steps: int | None = None, extra_args: Sequence[
         print('loom run: parallel = "auto" - search for a plan first (loom search) and write it into the spec',
               file=sys.stderr)
         return 2
+    if (problem := overlap_problem(spec)) is not None:       # a property of the spec: before any machine check
+        print(f"loom run: {problem}", file=sys.stderr)
+        return 2
     if spec.cluster.nodes > 1 and "LOOM_RDZV_ENDPOINT" not in os.environ:
         print(f"loom run: cluster.nodes = {spec.cluster.nodes}; start `loom run` on every node with "
               "LOOM_RDZV_ENDPOINT=<host:port of node 0> (see docs/executor.md, multi-node)", file=sys.stderr)

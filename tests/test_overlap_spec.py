@@ -102,3 +102,14 @@ def test_torchtitan_export_round_trip(tpo):
     assert ("compile" in tables and tables["compile"]["enable"] and "model" in tables["compile"]["components"]) \
         == tpo
     assert overlaps_from_torchtitan(out)["tp_comm_overlap"] is tpo
+
+
+def test_run_names_the_overlap_before_machine_checks(tmp_path: Path, capsys):
+    """A multi-node spec (which would otherwise stop at the missing rendezvous endpoint) is refused for the
+    overlap first: it is a property of the spec, not of the machine."""
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC.format(gpu="H100-SXM", extra="tp_comm_overlap = true")
+                    .replace("gpus_per_node = 4\nnodes = 1", "gpus_per_node = 2\nnodes = 2"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tp_comm_overlap" in err and "LOOM_RDZV_ENDPOINT" not in err
