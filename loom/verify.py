@@ -12,7 +12,8 @@ Which prediction each row holds (docs/verify.md says why):
 - comm bytes per kind, parameter / gradient / optimizer bytes per stage: exact predictions of the executor's
   layout (loom.verify_predict), with the plan's and the memory model's figures in the `plan`/`model` column and
   the reason wherever they differ.
-- activation bytes and peak memory: the memory model (simulator/memory.py).
+- activation bytes and peak memory: the memory model (simulator/memory.py) with the assumptions that describe the
+  executor's kernels (`verify_predict.EXECUTOR_ACTIVATIONS`; the default assumptions' figure beside it).
 Tolerances (relative): `DEFAULT_TOLERANCES`, overridden by the spec's [verify] table, then by --tol on the CLI.
 A metric with no tolerance is reported, not judged.
 """
@@ -35,9 +36,10 @@ from loom.spec.spec import VerifySpec
 DEFAULT_TOLERANCES: dict[str, float | None] = VerifySpec().model_dump()
 
 
-ACTIVATION_NOTE = ("memory model (Korthikanti §4.1 terms; FlashAttention, SwiGLU 4 tensors) vs the tensors the "
-                   "executor saves (saved_tensors_hooks, by storage); the eager executor also saves norm statistics, "
-                   "RoPE tables, and on CPU the attention's score/probability tensors")
+ACTIVATION_NOTE = ("memory model (Korthikanti §4.1 terms) with the executor's kernels (FlashAttention, SwiGLU "
+                   "keeping gate and up, norm statistics: verify_predict.EXECUTOR_ACTIVATIONS) vs the tensors the "
+                   "executor saves (saved_tensors_hooks, by storage); model column: the default assumptions "
+                   "(eager SwiGLU, no norm statistics)")
 
 
 @dataclass
@@ -95,7 +97,8 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
     tol = tol or tolerances(spec)
     plan = compile_plan(spec)
     sim = simulate_time(spec, plan=plan, profile=profile)
-    mem = memory_report(spec)
+    mem = memory_report(spec, vp.EXECUTOR_ACTIVATIONS)     # what the executor's kernels keep
+    mem_default = memory_report(spec)                        # the memory model's default (production) assumptions
     ranks = measured["ranks"]
     reps = _representatives(ranks)
     n_steps = len(ranks[0]["steps"])
@@ -195,14 +198,10 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
             / spec.micro_batches
         layers = st.layers
         pred_layers = st.activations / st.microbatches_in_flight if st.microbatches_in_flight else 0.0
+        st0 = mem_default.per_stage[stage]
+        default_layers = st0.activations / st0.microbatches_in_flight if st0.microbatches_in_flight else 0.0
         rows.append(Row(f"activation bytes per micro-batch, {layers} layers (stage {stage})", pred_layers, per_mb,
-                        tol["activations"], "B", None, ACTIVATION_NOTE))
-        extras = vp.cpu_activation_extras(spec, stage) if not cuda else None
-        if extras is not None:
-            terms = ", ".join(f"{k} {v:,}" for k, v in extras.items() if v)
-            rows.append(Row(f"activation bytes per micro-batch, executor's CPU kernels (stage {stage})",
-                            pred_layers + sum(extras.values()), per_mb, tol["model_states"], "B", pred_layers,
-                            f"memory model + what the eager CPU twins save beyond it: {terms}"))
+                        tol["activations"], "B", default_layers, ACTIVATION_NOTE))
         peak_saved = max(r["steps"][i]["saved_peak_bytes"] for i in timed)
         per_mb_all = sum(r["steps"][i]["saved_layers_bytes"] + r["steps"][i]["saved_other_bytes"]
                          for i in timed) / len(timed) / spec.micro_batches

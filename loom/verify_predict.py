@@ -23,6 +23,7 @@ Executor rules used (each from the named file):
 from __future__ import annotations
 
 
+from loom.simulator.activations import ActivationAssumptions
 from loom.spec.compile import split_layers
 from loom.spec.units import Param, Unit, chunk_tensors, padded_vocab
 from loom.spec.units import chunk_units as _units
@@ -285,40 +286,16 @@ def comm_notes(spec) -> dict[str, str]:
     return notes
 
 
-# ---- activations: what the eager CPU executor saves beyond the memory model ----------------------------------------
-def cpu_activation_extras(spec, stage: int) -> dict[str, int] | None:
-    """Bytes per micro-batch that the executor's layers save on CPU beyond the memory model's Korthikanti terms
-    (simulator/activations.py, FlashAttention assumption), by cause; None where this accounting does not apply
-    (cp > 1: ring attention; recompute; LayerNorm/GELU/learned positions: other twins). Found by walking the
-    autograd graph of one layer (each node's `_saved_*` tensors) of executor/model.py with the kernels' torch twins:
-    - attention_scores: kernels/reference.py's attention materialises the scores and exp(scores - lse), two
-      b·heads·s² fp32 tensors (FlashAttention keeps neither);
-    - attention_masks: the causal mask (s² bool) and the logsumexp guard (b·heads·s bool);
-    - gqa_expanded_kv: K and V are saved after expansion to all query heads (the model counts kv_heads);
-    - norm_intermediates: each RMSNorm (two per layer) saves x·rsqrt(mean x²) and the rsqrt besides its input and
-      output (the model counts input and output);
-    - sp_gathered_inputs: with SP the linear layers save the all-gathered full-sequence input; Megatron (and the
-      model) keep the local shard and gather it again in the backward.
-    (The RoPE tables, also saved, are module buffers: measured with the model state, not as activations.)"""
-    m, p, t = spec.model, spec.plan, spec.training
-    if p.cp > 1 or t.recompute != "none" or t.precision != "fp32" or m.norm != "rmsnorm" or not m.gated \
-            or m.position != "rope":
-        return None
-    b, s, h, d = t.micro_batch, m.seq_len, m.hidden, m.d_head
-    tp = p.tp
-    sp = p.sp and tp > 1
-    hl, kl = m.heads // tp, m.n_kv_heads // tp
-    T = b * s
-    Tn = T // tp if sp else T
-    out = {"attention_scores": 0, "attention_masks": 0, "gqa_expanded_kv": 0, "norm_intermediates": 0,
-           "sp_gathered_inputs": 0}
-    for layers, _, _ in stage_chunks(spec, stage):
-        n = len(layers)
-        if n == 0:
-            continue
-        out["attention_scores"] += n * 2 * b * hl * s * s * F32
-        out["attention_masks"] += n * (s * s + b * hl * s)
-        out["gqa_expanded_kv"] += n * 2 * b * s * (hl - kl) * d * F32
-        out["norm_intermediates"] += n * 2 * (Tn * h * F32 + Tn * F32)
-        out["sp_gathered_inputs"] += n * 2 * (T - Tn) * h * F32
-    return out
+# ---- activations ----------------------------------------------------------------------------------------------------
+# What the executor's kernels keep for backward (kernels/twins.py, the same set as the Triton Functions they
+# mirror; executor/tp.py, cp_ring.py), in the memory model's terms (simulator/activations.py):
+# - attention: q, k, v (kv heads), out, lse: FlashAttention; out shares its storage with the output projection's
+#   input (the kernels write it in q's sequence-first layout);
+# - SwiGLU: gate and up (kernels/swiglu.py recomputes the sigmoid) plus its output, saved by the down projection:
+#   3 ffn-wide tensors, not eager PyTorch's 4 (Megatron-LM's fused SwiGLUFunction, megatron/core/fusions/
+#   fused_bias_swiglu.py, also saves only its input);
+# - the norms' fp32 statistics (RMSNorm rstd; F.layer_norm's mean and rstd), which Korthikanti's count leaves out;
+# - no dropout; with SP the column-parallel linears keep the input shard (tp.py column_parallel_linear).
+# `tests/test_verify.py` holds one process's saved bytes per layer equal to this, to the byte.
+EXECUTOR_ACTIVATIONS = ActivationAssumptions(flash_attention=True, dropout=False, swiglu_saved_tensors=3,
+                                             norm_statistics=True)

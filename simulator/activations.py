@@ -31,10 +31,14 @@ class ActivationAssumptions:
     """What the kernels of a run keep. Loom's default is a modern stack: FlashAttention (no s² tensor; only the
     log-sum-exp per row is saved), no dropout (Llama-style pretraining uses none), eager PyTorch SwiGLU (saves
     gate, up, silu(gate) and their product: four s·b·f tensors). `flash_attention=False, dropout=True` with a
-    GELU model reproduces Korthikanti's Table 2 exactly."""
+    GELU model reproduces Korthikanti's Table 2 exactly.
+    `norm_statistics`: also count the norms' fp32 per-row statistics, which Korthikanti's count leaves out (a few
+    bytes per token): RMSNorm's rstd (loom.kernels' RMSNorm, kernels/rmsnorm.py; TransformerEngine's rsigma),
+    LayerNorm's mean and rstd (F.layer_norm saves both); 4 bytes per statistic per token, two norms per layer."""
     flash_attention: bool = True
     dropout: bool = False
     swiglu_saved_tensors: int = 4
+    norm_statistics: bool = False
 
 
 DEFAULT = ActivationAssumptions()
@@ -76,12 +80,14 @@ def layer_terms(m: ModelSpec, tokens: float, act_bytes: int, a: ActivationAssump
     h, f, q, kv, heads = m.hidden, m.ffn_hidden, m.q_dim, m.kv_dim, m.heads
     e = act_bytes
     drop = MASK_BYTES if a.dropout else 0
+    stats = (1 if m.norm == "rmsnorm" else 2) if a.norm_statistics else 0
     replicated = tokens * (e * h          # norm-1 input
                            + e * h        # QKV input
                            + drop * h     # attention-output dropout mask
                            + e * h        # norm-2 input
                            + e * h        # MLP first-linear input
-                           + drop * h)    # MLP dropout mask
+                           + drop * h     # MLP dropout mask
+                           + 2 * stats * FP32)   # the two norms' per-row statistics (norm_statistics)
     ffn_tensors = a.swiglu_saved_tensors if m.gated else 2
     sharded = tokens * (e * (q + kv)      # Q, K
                         + e * kv          # V
