@@ -1,8 +1,8 @@
 """The model's hot ops behind one module: loom.kernels when it provides them, small torch functions otherwise.
 
 Every op here has the same signature as its loom.kernels counterpart (see kernels/reference.py) so the switch is a
-lookup, not a rewrite. loom.kernels itself sends CPU tensors to its torch twins, so parity tests on CPU compare like
-with like. `LOOM_EXECUTOR_KERNELS=torch` forces the local functions (used by the plain-PyTorch GPU baseline).
+lookup, not a rewrite. loom.kernels itself sends CPU tensors to its torch twins, which save for backward what the GPU
+kernels save (kernels/twins.py), so parity and memory checks on CPU compare like with like. `LOOM_EXECUTOR_KERNELS=torch` forces the local functions (used by the plain-PyTorch GPU baseline).
 """
 from __future__ import annotations
 
