@@ -13,8 +13,9 @@ parameter sizes that do not divide dp are handled. Rank r of the DP group owns s
 - zero 2: as zero 1, but reduced after every micro-batch into the shard, and the full gradient buffer is freed
   once reduced (P_os+g); it exists only during one micro-batch's backward (DeepSpeed ZeRO-2; the plan IR too).
 - zero 3: units are layers (plus one root unit: embedding, final norm, head). A layer's parameters are all-gathered
-  before its forward and freed after it, gathered again when its output's gradient arrives, and freed again
-  with its gradients reduce-scattered every micro-batch (P_os+g+p; FSDP's storage-resize scheme). Prefetch: when
+  before its forward and freed after it, gathered again when its output's gradient arrives, and freed again as
+  soon as its last gradient has landed and its reduce-scatter is issued (P_os+g+p; FSDP's storage-resize scheme,
+  resharding after each layer's backward). Prefetch: when
   layer i's gather is done, layer i+1's (forward) or i-1's (backward) is issued asynchronously, so it travels
   while layer i computes (FSDP's forward_prefetch / BACKWARD_PRE; the plan's one-op-ahead gather edge); at most
   one unit beyond the one in use is in flight or gathered early.
@@ -256,6 +257,10 @@ class DataParallel:
             out = torch.empty(u.numel // self.dp.size, dtype=u.grad.dtype, device=u.grad.device)
             u.pending.append((comm.reduce_scatter(out, u.grad, self.dp, async_op=True), out))
         comm.LOG.tag = tag
+        if self.zero == 3 and self.per_micro_batch and u is not self.root:
+            # every gradient of the layer has landed, so its backward no longer reads the parameters: free them
+            # now (FSDP reshards after each layer's backward), not after the whole backward
+            self._release(u)
 
     def finish_backward(self) -> None:
         """After a micro-batch's backward: flush units whose hooks did not all fire, wait, post-process."""

@@ -195,9 +195,15 @@ def _prefetch_job() -> dict:
         tr, losses, _ = _train(d, 2)
         n_with = sum(1 for r in comm.LOG.records if ">zero_allgather" in r.tag)
         # layer boundaries, recorded after the step's own hooks (registered earlier) have run
+        live: list[int] = []                            # gathered or in-flight layer units at each layer's end
+        count = lambda: sum(1 for u in tr.dp.units[:-1] if u.gathered or u.inflight is not None)
+        def mark(what: str, i: int) -> None:             # a hook returning None leaves the output alone
+            events.append((what, i))
+            live.append(count())
+
         for i, layer in enumerate(tr.model.layers):
-            layer.register_forward_hook(lambda *a, i=i: events.append(("fwd_end", i)))
-            layer.register_full_backward_hook(lambda *a, i=i: events.append(("bwd_end", i)))
+            layer.register_forward_hook(lambda *a, i=i: mark("fwd_end", i))
+            layer.register_full_backward_hook(lambda *a, i=i: mark("bwd_end", i))
         events.clear()
         tr.step()
         trace = list(events)
@@ -206,7 +212,7 @@ def _prefetch_job() -> dict:
         n_without = sum(1 for r in comm.LOG.records if ">zero_allgather" in r.tag)
     finally:
         DataParallel._issue, DataParallel._gather = issue, gather
-    return {"trace": trace, "losses": losses, "losses_off": losses_off, "n_with": n_with, "n_without": n_without,
+    return {"trace": trace, "live": live, "losses": losses, "losses_off": losses_off, "n_with": n_with, "n_without": n_without,
             "layers": len(tr.model.layers), "units": len(tr.dp.units)}
 
 
@@ -229,6 +235,9 @@ def test_zero3_prefetches_the_next_layer_while_this_one_computes(results):
     mbs = 2
     assert sorted(u for u in cold if u < n) == sorted([unit(0), unit(n - 1)] * mbs), ev
     assert len([u for u in warm if u < n]) == 2 * (n - 1) * mbs, ev
+    # memory: at any layer's end at most two layer units are gathered (this one and the prefetched one); the
+    # backward frees each layer once its gradients have landed instead of keeping all of them to the end
+    assert max(r["live"]) <= 2, r["live"]
     assert r["losses"] == r["losses_off"]                 # bit for bit
     assert r["n_with"] == r["n_without"] > 0             # the same gathers, the plan's count
 
