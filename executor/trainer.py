@@ -69,9 +69,10 @@ class Trainer:
         p, t, m = spec.plan, spec.training, spec.model
         self.spec, self.mesh, self.device, self.steps = spec, mesh, device, steps
         self.cuda = device.type == "cuda"
-        # bf16/fp16: autocast on CUDA and on CPU alike (the same code path, so CPU tests exercise it); fp8 runs
-        # without autocast
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        # bf16/fp16: autocast on CUDA and on CPU alike (the same code path, so CPU tests exercise it). fp8: the
+        # executor has no fp8 GEMMs, so it runs bf16 autocast, which is also what the plan counts for fp8's
+        # activations and parameters (spec/compile.py: fp8 keeps activations bf16)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(t.precision)
         self.ctx = BuildCtx(m, mesh.tp, p.sp, t.recompute, t.seed, device)
         self.plan = compile_plan(spec)
         grad_dtype = torch.bfloat16 if t.grad_dtype == "bf16" else torch.float32

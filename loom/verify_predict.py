@@ -118,17 +118,17 @@ def activation_dtypes(spec, device: str = "cpu") -> tuple[int, int]:
     """(lo, hi) bytes per element of what the executor's activation collectives carry. lo: outputs of the linear
     layers and their gradients (autocast); hi: the norm outputs entering a TP region and the embedding output
     leaving one, and their gradients (model.amp_cast casts them to the autocast dtype), and the pipeline messages
-    (Stage act_dtype = the autocast dtype). Trainer autocasts bf16/fp16 on CUDA and CPU alike (fp8 runs without
-    autocast), so both are the precision's bytes there and fp32 otherwise; `device` no longer matters."""
-    if spec.training.precision in ("bf16", "fp16"):
+    (Stage act_dtype = the autocast dtype). Trainer autocasts bf16/fp16 on CUDA and CPU alike (fp8 as bf16), so
+    both are 2 bytes there and fp32 otherwise; `device` no longer matters."""
+    if spec.training.precision in ("bf16", "fp16", "fp8"):
         return 2, 2
     return F32, F32
 
 
 def param_gather_bytes(spec) -> int:
     """Bytes per element of the ZeRO parameter gathers (dp.py gather_dtype): the precision's with ZeRO >= 1 over
-    more than one rank in bf16/fp16, else fp32."""
-    return 2 if spec.training.precision in ("bf16", "fp16") and spec.plan.zero >= 1 and dp_group_size(spec) > 1 \
+    more than one rank in bf16/fp16/fp8 (bf16), else fp32."""
+    return 2 if spec.training.precision in ("bf16", "fp16", "fp8") and spec.plan.zero >= 1 and dp_group_size(spec) > 1 \
         else F32
 
 
@@ -274,10 +274,9 @@ def comm_notes(spec) -> dict[str, str]:
         # DP/ZeRO bytes: the plan counts the executor's padded units (spec/units.py), so they agree exactly
         "dp_allreduce": "",
         "dp_reducescatter": "",
-        # bf16/fp16 with ZeRO >= 1: the executor gathers the rounded shards (dp.py gather_dtype), as the plan;
-        # fp8: the plan counts 2-byte parameters, the executor (no autocast for fp8) gathers fp32
-        "zero_allgather": "the plan gathers 2-byte parameters for fp8, the executor fp32 (no fp8 autocast)"
-                          if spec.training.precision == "fp8" and spec.plan.zero >= 1 else "",
+        # bf16/fp16/fp8 with ZeRO >= 1: the executor gathers the rounded 2-byte shards (dp.py gather_dtype; fp8
+        # runs as bf16), as the plan counts them
+        "zero_allgather": "",
         "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",
         "grad_norm_allreduce": "not in the plan: one fp32 scalar per group for the global gradient norm",
         "loss_report": "not in the plan: the step loss all-reduced over dp for logging",

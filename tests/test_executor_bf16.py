@@ -266,3 +266,25 @@ def test_init_holds_one_full_tensor_at_a_time(monkeypatch):
         gc.collect()
         assert peak[0] == 1 and live[0] == 0, (first, last, peak[0], live[0])
         assert all(p.device.type == "cpu" for p in dec.parameters())
+
+
+# ---- fp8 specs run as bf16 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("par", [{"tp": 2, "sp": True}, {"dp": 2, "zero": 1}, {"dp": 2, "zero": 3}])
+def test_fp8_specs_run_as_bf16_and_send_the_plans_bytes(par):
+    """The executor has no fp8 GEMMs: an fp8 spec trains under bf16 autocast, which is what the plan counts for
+    fp8's activations and parameters (2 bytes), so verify's prediction equals the plan's bytes for every kind."""
+    from loom.executor.mesh import build_mesh
+    from loom.executor.trainer import Trainer
+    from loom.spec import spec_from_dict
+    from loom.spec.compile import compile_plan
+    from loom.verify_predict import comm_bytes, comm_notes, plan_comm_bytes
+    d = _spec(par, precision="fp8")
+    d["cluster"]["gpu"] = "H100-SXM"
+    spec = spec_from_dict(d)
+    got, plan = comm_bytes(spec, 0, "cuda:0"), plan_comm_bytes(compile_plan(spec), 0)
+    for kind, want in plan.items():
+        assert got[kind] == round(want), (kind, got[kind], want)
+    assert comm_notes(spec)["zero_allgather"] == ""
+    one = spec_from_dict({**d, "parallel": {"dp": 1}, "cluster": {**d["cluster"], "gpus_per_node": 1}})
+    tr = Trainer(one, build_mesh(one.plan, "cpu"), torch.device("cpu"), 1)
+    assert tr.amp_dtype == torch.bfloat16
