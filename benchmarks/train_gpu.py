@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn as nn
@@ -137,10 +138,32 @@ def run_loom(spec, steps: int, warmup: int, device) -> tuple[dict, list]:
         if i >= warmup:
             times.append(s.time_s)
             mems.append(s.mem_bytes)
-    batches = [tr.data.micro_batches(k * spec.training.global_batch)[0] for k in range(warmup + steps)]
     del tr
     return {"step_s": sorted(times)[len(times) // 2], "mem": max(mems) if device.type == "cuda" else 0,
-            "loss0": losses[0], "loss": losses[-1]}, batches
+            "loss0": losses[0], "loss": losses[-1]}
+
+
+def token_batches(spec, n: int, device) -> list:
+    """The first micro-batch of each of n steps, as the Trainer draws them (executor/trainer.py: Batches over
+    TokenData, one DP rank), for the plain baseline."""
+    from loom.executor.data import Batches, TokenData
+    m, t = spec.model, spec.training
+    data = Batches(TokenData(spec.data, m.seq_len, t.seed, m.vocab), t.global_batch, t.micro_batch, 1, 0, device)
+    return [data.micro_batches(k * t.global_batch)[0] for k in range(n)]
+
+
+def guarded(name: str, fn, device) -> dict | str:
+    """fn()'s result, or the error's last line (full traceback on stderr): one failing run (an OOM, a kernel that
+    does not compile) must not cost the other runs of a one-shot GPU session."""
+    try:
+        return fn()
+    except Exception as exc:                                  # noqa: BLE001 - reported in the table
+        traceback.print_exc()
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -171,17 +194,19 @@ def main(argv=None) -> int:
     tokens = spec.tokens_per_step
     flops = spec.model.model_flops_per_token() * tokens
 
-    runs, batches = [], None
+    runs = []
     for mode in modes:                      # the same batches for every run (the data order is the spec's)
-        r, batches = run_loom(make_spec(model, gpu, prec, mb, mode), steps, warmup, device)
-        runs.append((f"loom executor ({mode})", r))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    runs.append(("plain PyTorch", run_plain(spec, batches, steps, warmup, device)))
+        runs.append((f"loom executor ({mode})", guarded(mode, lambda: run_loom(make_spec(model, gpu, prec, mb, mode),
+                                                                               steps, warmup, device), device)))
+    runs.append(("plain PyTorch", guarded("plain", lambda: run_plain(spec, token_batches(spec, warmup + steps, device),
+                                                                     steps, warmup, device), device)))
 
     rows, results = [], []
     for name, r in runs:
+        if isinstance(r, str):
+            rows.append([name, r, "", "", "", "", "failed" if name.startswith("loom") else ""])
+            results.append({"run": name, "error": r})
+            continue
         mfu = flops / (r["step_s"] * peak)
         ok = mfu >= TARGET_MFU and 0 < r["mem"] <= TARGET_GIB * 2**30
         rows.append([name, f"{tokens / r['step_s']:,.0f}", f"{100 * mfu:.1f}",

@@ -41,3 +41,16 @@ def test_gpu_session_cpu_smoke_runs_every_part(tmp_path):
     tail = r.stdout.strip().splitlines()[-3:]
     assert tail[0].startswith("loom executor (none)") and tail[1].startswith("loom executor (full)")
     assert tail[2].startswith("plain PyTorch")
+
+
+@pytest.mark.slow
+def test_train_gpu_reports_a_failing_run_and_goes_on():
+    """A run that fails (here an invalid recompute mode; on the GPU an OOM or a kernel that does not compile) is a
+    'failed' row; the other runs still produce theirs (one GPU call must not be lost to one failure)."""
+    r = subprocess.run([sys.executable, "-W", "ignore", str(SCRIPT), "--cpu-smoke", "--steps", "1",
+                        "--loom-recompute", "bogus,none"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-3:]
+    assert last[0].startswith("loom executor (bogus)") and "failed: SpecError" in last[0]
+    assert last[1].startswith("loom executor (none)") and "failed" not in last[1]
+    assert last[2].startswith("plain PyTorch")
