@@ -13,7 +13,8 @@
 # Parts: pytest -m gpu; benchmarks/kernels.py --quick; benchmarks/train_gpu.py (1.5B Loom with recompute none and
 # full, vs plain PyTorch); loom calibrate (bounded); loom verify examples/llama-1.5b-h200.toml with that
 # profile. Nothing is pip-installed from an index there: the repo is put on PYTHONPATH through a small package
-# shim (pyproject maps spec/ -> loom.spec etc.) and the carried wheels go to /tmp/site with --no-index --no-deps.
+# shim (pyproject maps spec/ -> loom.spec etc.) and, where pydantic is missing, the carried wheels go to a scratch
+# --target directory with --no-index --no-deps.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -34,10 +35,13 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 
 # ---- the environment: carried wheels, then the package shim ---------------------------------------------------
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if ! "$PY" -c "import pydantic" 2>/dev/null; then      # the device image lacks it; a dev machine has it
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_session: pydantic is missing and no .whl/ was carried: run" \
+        "'bash benchmarks/gpu_session.sh --fetch-wheels' here first and carry .whl"; exit 1; }
+    SITE="$(mktemp -d)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
         || { echo "gpu_session: installing the carried wheels failed"; exit 1; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 SHIM="$(mktemp -d)"
 mkdir -p "$SHIM/loom"
