@@ -11,26 +11,53 @@ from . import comm
 from .comm import Group
 
 
+_FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
+
+
 class FlatAdamW:
-    """AdamW (Loshchilov & Hutter 2019, Alg. 2) on flat tensors, in torch.optim.AdamW's exact arithmetic:
+    """AdamW (Loshchilov & Hutter 2019, Alg. 2) on flat tensors, in torch.optim.AdamW's arithmetic:
     p <- p·(1 - lr·wd);  m <- b1·m + (1-b1)·g;  v <- b2·v + (1-b2)·g²;
     p <- p - (lr / (1-b1^t)) · m / (sqrt(v) / sqrt(1-b2^t) + eps).
-    "adam" adds wd·p to the gradient instead (L2, torch.optim.Adam); "sgd" is momentum SGD (torch.optim.SGD)."""
+    "adam" adds wd·p to the gradient instead (L2, torch.optim.Adam); "sgd" is momentum SGD (torch.optim.SGD).
+
+    `fused` (default: where torch has it, CPU and CUDA): "adamw" runs torch's fused multi-tensor kernel
+    (`torch._fused_adamw_`, what `torch.optim.AdamW(fused=True)` calls) after one masked decay pass
+    (p += -lr·wd·mask·p): about 40 bytes of memory traffic per parameter instead of ~80 for the op-by-op form
+    (eight elementwise passes and two temporaries), i.e. ~30 ms less per step for 1.5 B parameters at 4 TB/s.
+    The op-by-op form stays for "adam", "sgd" and fused=False (the reference in tests)."""
 
     def __init__(self, params: list[torch.Tensor], decay_masks: list[torch.Tensor], kind: str = "adamw",
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 momentum: float = 0.9):
+                 momentum: float = 0.9, fused: bool | None = None):
         self.params, self.kind = params, kind
         self.b1, self.b2 = betas
         self.eps, self.wd, self.momentum = eps, weight_decay, momentum
         self.wd_scale = [m.float() for m in decay_masks]      # 1 where decay applies
+        # per tensor: decay everywhere, nowhere or where the mask says (a flat unit mixes matrices and norms)
+        self.wd_all = [bool(m.all()) for m in decay_masks]
+        self.wd_any = [bool(m.any()) for m in decay_masks]
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params] if kind != "sgd" else []
         self.t = 0
+        self.fused = kind == "adamw" and _FUSED_ADAMW is not None and (fused is None or fused)
+
+    @torch.no_grad()
+    def _fused_step(self, grads: list[torch.Tensor], lr: float) -> None:
+        for i, p in enumerate(self.params):                 # decoupled decay first, as the kernel would do it
+            if self.wd and self.wd_all[i]:
+                p.mul_(1 - lr * self.wd)
+            elif self.wd and self.wd_any[i]:
+                p.addcmul_(p, self.wd_scale[i], value=-lr * self.wd)
+        steps = [torch.full((), float(self.t), dtype=torch.float32, device=p.device) for p in self.params]
+        _FUSED_ADAMW(self.params, list(grads), self.m, self.v, [], steps, lr=lr, beta1=self.b1, beta2=self.b2,
+                     weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], lr: float) -> None:
         self.t += 1
+        if self.fused:
+            self._fused_step(grads, lr)
+            return
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if self.kind == "sgd":
                 g = g + self.wd * self.wd_scale[i] * p
