@@ -243,7 +243,9 @@ class Trainer:
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter at full size (TP shards gathered, ZeRO-3 units gathered, vocab padding cut), as the
         single-process model names them (layers by their global index), on every rank: for parity tests and
-        export. With pp > 1 each stage contributes its own names (gathered over the pp group). Collective."""
+        export. With pp > 1 each stage contributes its own names (gathered over the pp group). Collective.
+        With bf16/fp16 and ZeRO >= 1 these are the rounded values the model computes with (dp.py); the fp32
+        masters are the optimizer's shards (`state_dict`, checkpoints)."""
         dps = self.stage.dps if self.stage is not None else [self.dp]
         decoders = self.stage.decoders if self.stage is not None else [self.model]
         for dp in dps:
