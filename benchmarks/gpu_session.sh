@@ -97,7 +97,8 @@ part "train_gpu.py" "$T_TRAIN" train_gpu.log "$PY" "$ROOT/benchmarks/train_gpu.p
 part "loom calibrate" "$T_CAL" calibrate.log "$PY" -m loom.cli calibrate --seconds "$CAL_S" --out "$OUT/profile.json"
 PROFILE_ARGS=()
 [ -s "$OUT/profile.json" ] && PROFILE_ARGS=(--profile "$OUT/profile.json")
-part "loom verify" "$T_VERIFY" verify.log "$PY" -m loom.cli verify "$SPEC" "${PROFILE_ARGS[@]}" --steps "$VERIFY_STEPS"
+part "loom verify" "$T_VERIFY" verify.log "$PY" -m loom.cli verify "$SPEC" ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"} \
+    --steps "$VERIFY_STEPS"
 
 {
     echo
