@@ -5,7 +5,7 @@ Enumerated: dp·tp·pp·cp = world size over the divisors of the world size; seq
 same thing); micro-batch sizes (powers of two up to 64) of at most 32K tokens (b·s; GEMM efficiency saturates
 far below that, and 70B-class models run out of memory first); ZeRO 0-3 (only 0 when dp = cp = 1, where the
 stages coincide);
-recompute none/selective/full; mesh orders (outermost→innermost) ("pp","dp","cp","tp") (TP innermost, Megatron's
+recompute none/selective/op (per-op SAC; not with cp > 1)/full; mesh orders (outermost→innermost) ("pp","dp","cp","tp") (TP innermost, Megatron's
 default), ("dp","pp","cp","tp") (Megatron's --use-tp-pp-dp-mapping), ("pp","dp","tp","cp") (CP innermost) and
 ("pp","cp","tp","dp") (DP innermost), deduplicated where they order the dimensions of degree > 1 the same way.
 CP degrees whose zigzag chunk s/(2·cp) falls below 128 tokens (FlashAttention-2's tile) are rejected unpriced.
@@ -42,7 +42,7 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MAX_MICROBATCH_TOKENS = 32768   # b·s per micro-batch: GEMMs are saturated long before (M = b·s/cp rows)
 MIN_CP_CHUNK = 128              # zigzag CP chunk s/(2·cp) below FlashAttention's 128-row tile wastes the kernel
 ZERO_STAGES = (0, 1, 2, 3)
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "op", "full")   # "op" (per-op SAC) is rejected by validation when cp > 1
 MESHES = (("pp", "dp", "cp", "tp"), ("dp", "pp", "cp", "tp"), ("pp", "dp", "tp", "cp"), ("pp", "cp", "tp", "dp"))
 EVENT_TOP = 3            # candidates re-ranked by the event simulator
 BY = ("step_time", "tokens_per_gpu", "cost")
@@ -60,6 +60,7 @@ _FIELD_REASON = {
 MEMORY_REASON = "memory: does not fit in HBM"
 MESH_REASON = "mesh order equivalent to a priced one (same links)"
 CP_REASON = f"cp: zigzag chunk below {MIN_CP_CHUNK} tokens"
+OP_CP_REASON = "recompute op with cp > 1 (ring attention is not one savable op)"
 
 _LOSS_LABELS = {"compute_s": "compute", "recompute_s": "memory (recompute)", "bubble_s": "pipeline bubble",
                 "tp_exposed_s": "exposed TP comm", "cp_exposed_s": "exposed CP comm",
@@ -250,6 +251,9 @@ def search(spec: Spec, by: str = "step_time", top_k: int = 10, progress: Callabl
                         continue
                     for zero in zeros:
                         for recompute in RECOMPUTE:
+                            if recompute == "op" and cp > 1:     # spec/validate.py refuses it (ring attention)
+                                reject(OP_CP_REASON, len(meshes) + same)
+                                continue
                             tr = training_cache.get((mb, recompute))
                             if tr is None:
                                 tr = training_cache[(mb, recompute)] = training.model_copy(

@@ -72,7 +72,7 @@ def test_rejections_add_up(results):
 def test_enumeration_count_is_the_cartesian_space():
     """Independent count of the search space for 8 GPUs and a 16-layer model (llama3.2-1b), from the rules in the
     search module's docstring: every (tp, cp, pp) with tp·cp·pp | 8, sp when tp > 1, the schedules for pp, the
-    micro-batches within 32K tokens (seq 8192: 1, 2, 4), ZeRO 0-3 (only 0 when dp = cp = 1), 3 recompute modes
+    micro-batches within 32K tokens (seq 8192: 1, 2, 4), ZeRO 0-3 (only 0 when dp = cp = 1), 4 recompute modes
     and the 4 mesh orders."""
     spec = make({"preset": "llama3.2-1b"}, 1, 32)
     res = search(spec)
@@ -86,7 +86,7 @@ def test_enumeration_count_is_the_cartesian_space():
                 dp = 8 // (tp * cp * pp)
                 scheds = 1 if pp == 1 else 2 + sum(1 for v in range(2, 16 // pp + 1) if (16 // pp) % v == 0)
                 zeros = 4 if dp * cp > 1 else 1
-                total += (2 if tp > 1 else 1) * scheds * 3 * zeros * 3 * 4
+                total += (2 if tp > 1 else 1) * scheds * 3 * zeros * 4 * 4
     assert res.enumerated == total
 
 
@@ -195,3 +195,13 @@ def test_search_and_budget_do_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_per_op_recompute_is_searched_but_never_with_context_parallel():
+    """recompute = "op" is a candidate; with cp > 1 it is rejected for its stated reason (spec/validate.py refuses
+    it there), so no row the search returns is a spec `loom run` would refuse."""
+    from loom.simulator.search import OP_CP_REASON
+    res = search(make({"preset": "llama3.2-1b"}, 1, 32), top_k=400)
+    assert res.rejected.get(OP_CP_REASON, 0) > 0
+    assert any(r.recompute == "op" for r in res.rows)
+    assert not any(r.recompute == "op" and r.plan.cp > 1 for r in res.rows)
