@@ -134,8 +134,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---- run / calibrate / verify (need torch) ----------------------------------------------------------------
+def _refuse_if_it_does_not_fit(spec: Spec) -> int | None:
+    """On GPUs, a plan the memory model says does not fit is refused before any process starts (the same error
+    block as `loom simulate`); `--ignore-memory-model` starts it anyway. CPU ranks have no HBM limit to check."""
+    if spec.parallel == "auto" or spec.gpu.device != "cuda":
+        return None
+    from loom.report import fit_report, format_fit_advice
+    report = fit_report(spec)
+    if report is None:
+        return None
+    print(f"loom run: not started.\n{format_fit_advice(report)}\n"
+          "(or pass --ignore-memory-model to start anyway: the model's accuracy is in docs/measurements.md)",
+          file=sys.stderr)
+    return EXIT_DOES_NOT_FIT
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    _load(args.file)  # validate before starting any process
+    spec = _load(args.file)  # validate before starting any process
+    if "--ignore-memory-model" in args.rest:             # after FILE, argparse's REMAINDER took it
+        args.rest = [a for a in args.rest if a != "--ignore-memory-model"]
+        args.ignore_memory_model = True
+    if not args.ignore_memory_model and (rc := _refuse_if_it_does_not_fit(spec)) is not None:
+        return rc
     from loom.executor.launch import run_from_cli
     return run_from_cli(args.file, steps=args.steps, extra_args=args.rest)
 
@@ -196,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train for real with torchrun (gloo on CPU, NCCL on GPUs)")
     p.add_argument("file")
     p.add_argument("--steps", type=int)
+    p.add_argument("--ignore-memory-model", action="store_true",
+                   help="start even when the memory model says the plan does not fit the GPU")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments passed to the trainer")
     p.set_defaults(func=cmd_run)
 

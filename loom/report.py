@@ -59,6 +59,16 @@ def _fit_advice(spec: Spec) -> dict[str, Any]:
             "alternatives": [asdict(x) for x in a.alternatives]}
 
 
+def fit_report(spec: Spec) -> dict[str, Any] | None:
+    """The parts of simulate's report that format_fit_advice reads, or None when the plan fits."""
+    from loom.simulator.memory import memory_report
+    mem = memory_report(spec)
+    if mem.fits:
+        return None
+    return {"params": spec.model.param_count(), "gpus": spec.world_size, "memory": mem.to_dict(),
+            "fit_advice": _fit_advice(spec)}
+
+
 def _changes(changes: dict[str, Any]) -> str:
     return ", ".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in changes.items())
 

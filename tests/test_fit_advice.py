@@ -107,3 +107,20 @@ def test_json_carries_the_advice(tmp_path, capsys):
     assert main(["simulate", str(path), "--json"]) == 3
     data = json.loads(capsys.readouterr().out)
     assert data["memory"]["fits"] is False and data["fit_advice"]["alternatives"]
+
+
+def test_run_refuses_a_gpu_plan_that_does_not_fit_before_starting_anything(tmp_path, capsys):
+    path = tmp_path / "big.toml"
+    path.write_text(TOO_BIG_ACTIVATIONS)
+    assert main(["run", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "not started" in err and "parallel.zero = 3" in err and "--ignore-memory-model" in err
+
+
+def test_run_with_ignore_memory_model_goes_on_to_the_launch_checks(tmp_path, capsys):
+    """Past the memory check, this CPU-only machine stops at the CUDA check (exit 2), still before any process."""
+    path = tmp_path / "big.toml"
+    path.write_text(TOO_BIG_ACTIVATIONS)
+    rc = main(["run", str(path), "--ignore-memory-model"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not started" not in err and "CUDA" in err
