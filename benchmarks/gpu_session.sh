@@ -10,7 +10,7 @@
 #                                              # carry [".whl"], timeout_s 600
 #   benchmarks/gpu_session.sh --cpu-smoke      # here: every part at toy size on CPU (tests/test_executor_bench.py)
 #
-# Parts: pytest -m gpu; benchmarks/kernels.py --quick; benchmarks/train_gpu.py (1.5B Loom with recompute none and
+# Parts: pytest -m gpu; benchmarks/kernels.py --quick; benchmarks/train_gpu.py (1.5B Loom with recompute none, op and
 # full, vs plain PyTorch); loom calibrate (bounded); loom verify examples/llama-1.5b-h200.toml with that
 # profile. Nothing is pip-installed from an index there: the repo is put on PYTHONPATH through a small package
 # shim (pyproject maps spec/ -> loom.spec etc.) and, where pydantic is missing, the carried wheels go to a scratch
@@ -64,18 +64,19 @@ sys.exit(0 if where.startswith('$SHIM') else 'gpu_session: loom was not imported
 
 if [ "$MODE" = "--cpu-smoke" ]; then
     SPEC="$ROOT/examples/tiny-cpu.toml"
-    TRAIN_ARGS="--cpu-smoke --steps 2 --loom-recompute none,full"
+    TRAIN_ARGS="--cpu-smoke --steps 2 --loom-recompute none,op,full"
     CAL_S=4; VERIFY_STEPS=2
     T_PYTEST=240; T_KERN=60; T_TRAIN=120; T_CAL=90; T_VERIFY=240
 else
     SPEC="$ROOT/examples/llama-1.5b-h200.toml"
     # none: the MFU ceiling (estimated ~38 GB: 16 B/param of fp32 states + bf16 weight copies + ~0.7 GB of
-    # activations per layer); full: the run that should fit 33 GB
-    TRAIN_ARGS="--loom-recompute none,full"
+    # activations per layer); op (torchtitan's per-op SAC: keeps half the matmul outputs and attention's, reruns
+    # K, O, up) and full: the runs that should fit 33 GB, at their recompute cost
+    TRAIN_ARGS="--loom-recompute none,op,full"
     CAL_S=30; VERIFY_STEPS=3
-    # 90 + 80 + 180 + 55 + 110 = 515 s at most, plus ~15 s of set-up: within the run tool's 600 s. train_gpu:
-    # three 1.5B inits on the host (~20 s each), Triton's first compiles, 13 steps per run.
-    T_PYTEST=90; T_KERN=80; T_TRAIN=180; T_CAL=55; T_VERIFY=110
+    # 90 + 80 + 210 + 55 + 110 = 545 s at most, plus ~15 s of set-up: within the run tool's 600 s. train_gpu:
+    # four 1.5B inits on the host (~20 s each), Triton's first compiles, 13 steps per run.
+    T_PYTEST=90; T_KERN=80; T_TRAIN=210; T_CAL=55; T_VERIFY=110
 fi
 
 declare -a NAMES RCS SECS LAST

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--loom-recompute", default="none",
-                    help="comma-separated recompute modes, one Loom run each (none, selective, full)")
+                    help="comma-separated recompute modes, one Loom run each (none, selective, op, full)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.loom_recompute.split(",") if m.strip()]
