@@ -34,6 +34,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of causal softmax attention, layout (batch, heads, seq, head_dim), GQA allowed."""
     out, lse = K.flash_attention_forward(q, k, v, causal)
+    if out.stride() != q.stride():
+        # out in q's (sequence-first) memory layout, as loom.kernels' attention writes it (kernels/_dispatch.py
+        # alloc_like; on CPU flash_attention_forward's reference returns it head-major): the block then reshapes
+        # it into the output projection's input as a view, so the recompute rebuilds one storage, not two.
+        out = torch.empty_like(q, dtype=out.dtype).copy_(out)
     return out, lse
 
 

@@ -36,10 +36,31 @@ from loom.spec.spec import VerifySpec
 DEFAULT_TOLERANCES: dict[str, float | None] = VerifySpec().model_dump()
 
 
-ACTIVATION_NOTE = ("memory model (Korthikanti §4.1 terms) with the executor's kernels (FlashAttention, SwiGLU "
-                   "keeping gate and up, norm statistics: verify_predict.EXECUTOR_ACTIVATIONS) vs the tensors the "
-                   "executor saves (saved_tensors_hooks, by storage); model column: the default assumptions "
-                   "(eager SwiGLU, no norm statistics)")
+ACTIVATION_NOTE = ("memory model (Korthikanti §4.1 terms; recompute: simulator/activations.py layer_bytes) with the "
+                   "executor's kernels (FlashAttention, SwiGLU keeping gate and up, norm statistics: "
+                   "verify_predict.EXECUTOR_ACTIVATIONS) vs what the executor keeps for backward (saved tensors, "
+                   "checkpoint inputs, the selective-checkpoint cache; by storage); model column: the default "
+                   "assumptions (eager SwiGLU, no norm statistics)")
+TRANSIENT_NOTE = ("one recomputed layer's rebuilt tensors beyond what it kept (simulator/activations.py "
+                  "recompute_transient_bytes, executor's kernels) vs the most live bytes a checkpoint's recompute "
+                  "added over those live when its backward began; model column: the memory model's workspace "
+                  "(the larger of this and the loss backward's transient)")
+
+
+def _max_known(values: list) -> float | None:
+    """The largest value, or None (not judged) when a rank could not measure it (an older measurement, or torch's
+    checkpoint internals that executor/measure.py hooks have changed)."""
+    return None if any(v is None for v in values) else max(values)
+
+
+def _recompute_transient(spec) -> float:
+    """One recomputed layer's transient for the executor's kernels (the memory model's workspace term)."""
+    from loom.simulator.activations import recompute_transient_bytes
+    from loom.simulator.memory import activation_bytes
+    m, p, t = spec.model, spec.plan, spec.training
+    tokens = m.seq_len / p.cp * t.micro_batch
+    return recompute_transient_bytes(m, tokens, activation_bytes(t.precision), p.tp, p.sp, t.recompute,
+                                     vp.EXECUTOR_ACTIVATIONS)
 
 
 @dataclass
@@ -208,9 +229,16 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
         rows.append(Row(f"micro-batches in flight (stage {stage})", st.microbatches_in_flight,
                         peak_saved / per_mb_all if per_mb_all else None, tol["activations"], "", None,
                         "measured: peak saved bytes / saved bytes per micro-batch; the schedule's count"))
-        pred_flight = st.activations + st.logits_buffers + st.embedding_buffers
+        model_flight = st.activations + st.logits_buffers + st.embedding_buffers
+        pred_flight = model_flight + vp.executor_buffer_extras(spec, stage)
         rows.append(Row(f"activation bytes in flight (stage {stage})", pred_flight, peak_saved, tol["activations"],
-                        "B", None, f"{st.microbatches_in_flight:g} micro-batches in flight (memory model)"))
+                        "B", model_flight, f"{st.microbatches_in_flight:g} micro-batches in flight (memory model); "
+                        "predicted adds the executor's norm statistics, CE targets and masks "
+                        "(verify_predict.executor_buffer_extras)"))
+        if spec.training.recompute != "none" and layers:
+            rows.append(Row(f"recompute transient bytes (stage {stage})", _recompute_transient(spec),
+                            _max_known([r["steps"][i].get("recompute_transient_bytes") for i in timed]),
+                            tol["activations"], "B", st.workspace, TRANSIENT_NOTE))
         if cuda and "max_memory_reserved" in m:
             from loom.simulator.memory import CUDA_CONTEXT_BYTES
             # The memory model's peak = allocated + overhead, overhead = CUDA context + 5 % fragmentation
@@ -328,6 +356,10 @@ def verify_cli(args) -> int:
         print('loom verify: parallel = "auto" - search for a plan first (loom search) and write it into the spec',
               file=sys.stderr)
         return 2
+    from loom.executor.launch import executor_problem, overlap_problem
+    if (problem := overlap_problem(spec)) is not None:      # a property of the spec: before any machine check,
+        print(f"loom verify: {problem}", file=sys.stderr)    # as `loom run` (executor/launch.py run_from_cli)
+        return 2
     try:
         overrides = parse_tol(getattr(args, "tol", None))
     except ValueError as e:
@@ -345,7 +377,6 @@ def verify_cli(args) -> int:
         print(f"loom verify: cluster.nodes = {spec.cluster.nodes}; verify runs on one machine. Fix: verify a "
               "one-node version of the plan (nodes = 1), or use `loom run` on every node", file=sys.stderr)
         return 2
-    from loom.executor.launch import executor_problem
     if (problem := executor_problem(spec)) is not None:
         print(f"loom verify: {problem}", file=sys.stderr)
         return 2

@@ -298,3 +298,26 @@ def comm_notes(spec) -> dict[str, str]:
 # `tests/test_verify.py` holds one process's saved bytes per layer equal to this, to the byte.
 EXECUTOR_ACTIVATIONS = ActivationAssumptions(flash_attention=True, dropout=False, swiglu_saved_tensors=3,
                                              norm_statistics=True)
+
+
+def executor_buffer_extras(spec, stage: int) -> int:
+    """Bytes the executor keeps for backward outside the layers beyond the memory model's embedding and logits
+    buffers (simulator/memory.py), for the micro-batches the memory model holds there:
+    - last stage, per micro-batch whose loss awaits its backward (1, AFAB: all): the final norm's fp32
+      statistics (RMSNorm rstd, LayerNorm mean and rstd; on the SP shard) and the vocab-parallel cross-entropy's
+      int64 targets and bool in-shard mask (executor/tp.py _VocabParallelCE saves softmax, targets, mask);
+    - first stage with tp > 1, per micro-batch in flight: the vocab-parallel embedding's bool out-of-shard mask
+      (tp.py VocabParallelEmbedding: masked_fill saves it)."""
+    from loom.simulator.memory import stage_memory
+    m, p, t = spec.model, spec.plan, spec.training
+    T = t.micro_batch * m.seq_len // p.cp
+    out = 0
+    if stage == p.pp - 1:
+        stats = 1 if m.norm == "rmsnorm" else 2
+        last_mbs = spec.micro_batches if p.schedule == "afab" else 1
+        out += last_mbs * (F32 * stats * T // (p.tp if p.sp and p.tp > 1 else 1) + 8 * T + 1 * T)
+    if stage == 0 and p.tp > 1:
+        st = stage_memory(spec, stage)
+        whole = -(-st.microbatches_in_flight // 1) if st.layers else min(p.pp, spec.micro_batches)
+        out += int(whole) * T
+    return out

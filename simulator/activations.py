@@ -170,8 +170,37 @@ def full_layer_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: b
 def op_recompute_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool,
                        a: ActivationAssumptions = DEFAULT) -> float:
     """The transient of a per-op recomputed layer's backward: the recompute rebuilds the layer's complete saved
-    set (`full_layer_bytes`), of which the kept part (`op_layer_bytes`) is already held."""
-    return max(0.0, full_layer_bytes(m, tokens, act_bytes, tp, sp, a) - op_layer_bytes(m, tokens, act_bytes, tp, sp))
+    set (`full_layer_bytes`), of which the kept part (`op_layer_bytes`) is already held and reused (the cache
+    hands its tensors back: torch/utils/checkpoint.py `_CachedTorchDispatchMode`) - except a kept output the
+    recompute never replays: the recompute stops once the last saved tensor is rebuilt (non-reentrant early
+    stop, `_recomputation_hook` raising `_StopRecomputationError`, on by default), and autograd saves a matmul's
+    inputs before running it, so when the block's last matmul is a kept one (SwiGLU's down projection, the 7th)
+    its cache entry is neither replayed nor freed until the layer's backward ends: its (T, h) partial sum stays
+    beside the rebuilt set (measured: executor/measure.py, tests/test_verify_recompute.py)."""
+    kept = op_layer_bytes(m, tokens, act_bytes, tp, sp)
+    last_kept = (len(m.layer_matmuls()) - 1) % 2 == 0          # the 1st, 3rd, 5th, 7th ... matmul is kept
+    unreplayed = act_bytes * tokens * m.hidden if last_kept else 0.0   # row-parallel: not divided by tp
+    return max(0.0, full_layer_bytes(m, tokens, act_bytes, tp, sp, a) - kept) + unreplayed
+
+
+def recompute_transient_bytes(m: ModelSpec, tokens: float, act_bytes: int, tp: int, sp: bool, recompute: str,
+                              a: ActivationAssumptions = DEFAULT) -> float:
+    """Bytes one recomputed layer adds, during its backward, to what the layers keep (`layer_bytes`): the
+    recompute rebuilds a saved set, minus the kept tensors it reuses (same storages).
+    - "full": the layer's complete saved set (`full_layer_bytes`) minus its input, which the checkpoint kept and
+      the rebuilt norm saves again (torch.utils.checkpoint; Megatron's CheckpointFunction likewise reruns the
+      layer on its saved input).
+    - "selective": the attention core rerun on the kept Q, K, V rebuilds its output (a new tensor: the forward's
+      is kept by the output projection) and its statistics (FlashAttention's LSE, or without it the scores,
+      softmax and dropout of Korthikanti §4.1): act·T·q_dim/tp + the core term / tp.
+    - "op": `op_recompute_bytes`. "none": 0."""
+    if recompute == "full":
+        return full_layer_bytes(m, tokens, act_bytes, tp, sp, a) - layer_bytes(m, tokens, act_bytes, tp, sp, "full", a)
+    if recompute == "selective":
+        return (act_bytes * tokens * m.q_dim + layer_terms(m, tokens, act_bytes, a).attention_core) / tp
+    if recompute == "op":
+        return op_recompute_bytes(m, tokens, act_bytes, tp, sp, a)
+    return 0.0
 
 
 # ---- pipeline: micro-batches in flight ------------------------------------------------------------------

@@ -34,7 +34,7 @@ from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
 from .activations import (DEFAULT, FP32, MASK_BYTES, TOKEN_ID_BYTES, ActivationAssumptions,
-                          chunk_microbatches_in_flight, full_layer_bytes, layer_bytes, op_recompute_bytes)
+                          chunk_microbatches_in_flight, layer_bytes, recompute_transient_bytes)
 
 MiB = 2**20
 GiB = 2**30
@@ -62,7 +62,7 @@ class StageMemory:
     activations: int               # transformer layers' saved activations, all micro-batches in flight
     embedding_buffers: int         # first stage: token ids (and embedding dropout masks) per micro-batch in flight
     logits_buffers: int            # last stage: final-norm tensors and fp32 log-probs per micro-batch in flight
-    workspace: int                 # the largest transient: loss backward, or a (fully or per-op) recomputed layer
+    workspace: int                 # the largest transient: loss backward, or a recomputed layer (any recompute)
     comm_buffers: int              # DP gradient buckets, ZeRO-3 gathered parameters/gradients, CP ring K/V
     overhead: int                  # CUDA context + allocator fragmentation
     peak: int
@@ -254,10 +254,8 @@ def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DE
         last_mbs = m_steps if p.schedule == "afab" else 1                 # 1F1B: the last stage holds one
         logits = last_mbs * saved
         workspace = transient
-    if t.recompute == "full" and layers:
-        workspace = max(workspace, full_layer_bytes(m, tokens, act, p.tp, p.sp, assumptions))
-    if t.recompute == "op" and layers:         # the recompute rebuilds what the layer did not keep
-        workspace = max(workspace, op_recompute_bytes(m, tokens, act, p.tp, p.sp, assumptions))
+    if layers:                                  # one recomputed layer rebuilds what it did not keep
+        workspace = max(workspace, recompute_transient_bytes(m, tokens, act, p.tp, p.sp, t.recompute, assumptions))
 
     comm = _comm_buffers(spec, stage, tokens)
     allocated = params + grads + optimizer + activations + embedding + logits + workspace + comm
