@@ -7,11 +7,17 @@ parameter sizes that do not divide dp are handled. Rank r of the DP group owns s
 - zero 0 (DDP): units are gradient buckets of ~bucket_MB in reverse registration order (the order the backward
   produces gradients; PyTorch DDP's reducer.cpp does the same); a bucket's all-reduce is issued asynchronously
   from a post-accumulate-grad hook as soon as its last gradient lands, overlapping the rest of the backward.
-- zero 1: the bucket's gradients are reduce-scattered (half the bytes of an all-reduce); the optimizer updates
-  only the owned shard (its states exist only for it), then each unit's parameters are all-gathered
-  (Rajbhandari et al. 2020 §5.1, P_os; Megatron-LM's distributed optimizer; the plan IR's choice too).
-- zero 2: as zero 1, but reduced after every micro-batch into the shard, and the full gradient buffer is freed
-  once reduced (P_os+g); it exists only during one micro-batch's backward (DeepSpeed ZeRO-2; the plan IR too).
+- zero 1: the bucket's gradients are reduce-scattered (half the bytes of an all-reduce) in place, into this
+  rank's own shard of the full gradient buffer (no separate shard copy: Megatron-LM's distributed optimizer,
+  core/distributed/param_and_grad_buffer.py, reduce-scatters each bucket of its grad buffer into the bucket's own
+  shard); the optimizer updates only the owned shard (its states exist only for it), then each unit's parameters
+  are all-gathered (Rajbhandari et al. 2020 §5.1, P_os; the plan IR's choice too). Memory: the full buffer.
+- zero 2: gradients are reduce-scattered after every micro-batch's backward, bucket by bucket, into a shard
+  accumulator (grad_dtype); a unit's full gradient buffer is allocated when its first gradient lands and freed
+  once its reduce-scatter is done, and a unit's reduction waits for the previous unit's, so at most about two
+  buckets of full gradients exist at once (P_os+g; DeepSpeed ZeRO-2, runtime/zero/stage_1_and_2.py: the
+  reduce_bucket_size "ipg" buckets are reduced as the backward fills them and only the partition is kept, under
+  gradient accumulation every micro-batch). Memory: the shard, plus ~2 buckets during the backward.
 - zero 3: units are layers (plus one root unit: embedding, final norm, head). A layer's parameters are all-gathered
   before its forward and freed after it, gathered again when its output's gradient arrives, and freed again as
   soon as its last gradient has landed and its reduce-scatter is issued (P_os+g+p; FSDP's storage-resize scheme,
@@ -27,9 +33,10 @@ weights and the embedding give bit-identical forwards (autocast, and model.amp_c
 round them to the same values anyway); the norms, row-parallel biases and learned positions see the rounded
 values, as Megatron's bf16 parameters are. ZeRO-0 keeps fp32 parameters, which are the master (no extra copy).
 Gradient accumulation: zero 0-1 communicate only after the last micro-batch (DDP's no_sync()); zero 2-3 after
-each, accumulating into the reduced shard - unless `every_micro_batch=False` (the plan's rule under pipeline
-parallelism, torchtitan's FSDP under PP): then zero 2-3 also accumulate full gradients and reduce once, after the
-last micro-batch, and zero 3 keeps each unit gathered from its first forward until that reduction.
+each, accumulating into the reduced shard - unless `every_micro_batch=False`: then they accumulate full gradients
+and reduce once, after the last micro-batch, and zero 3 keeps each unit gathered from its first forward until
+that reduction (the plan's rule for ZeRO-3 under pipeline parallelism, torchtitan's FSDP under PP; for ZeRO-2
+only the pipeline chunk holding a tied embedding copy, whose cross-stage gradient sum needs the full gradient).
 The loss is normalised by the tokens of the whole global batch, so the DP reduction is a plain sum.
 """
 from __future__ import annotations
@@ -51,7 +58,7 @@ class Unit:
     flat: torch.Tensor                  # full parameters (views of it are the model's parameters)
     grad: torch.Tensor                  # full gradient accumulator
     shard_param: torch.Tensor           # this rank's shard: a view of flat (zero <= 2) or its own tensor (zero 3)
-    shard_grad: torch.Tensor | None     # zero >= 2: the reduce-scattered shard of the gradient
+    shard_grad: torch.Tensor | None     # zero >= 1: the reduced shard (zero 1: a view of grad; 2, 3: its own)
     decay: torch.Tensor                 # bool mask over this rank's shard: weight decay applies
     count: torch.Tensor                 # bool mask over this rank's shard: counted in the global grad norm
     index: int = 0
@@ -83,6 +90,9 @@ class DataParallel:
         # zero >= 2: reduce-scatter after every micro-batch (and ZeRO-3: re-gather around every forward/backward);
         # False: once per step, keeping full gradients (and ZeRO-3 parameters) for the step (spec/compile.py, PP).
         self.per_micro_batch = zero >= 2 and every_micro_batch
+        # zero >= 2 over more than one rank: a unit's full gradient buffer is allocated when its first gradient
+        # lands and freed after its reduction; only the shard accumulator persists
+        self.transient_grads = zero >= 2 and dp.active
         self.grad_dtype = grad_dtype
         # the dtype the parameter gathers move: the training precision when ZeRO shards the parameters' updates
         self.gather_dtype = param_dtype if zero >= 1 and dp.active else torch.float32
@@ -96,8 +106,16 @@ class DataParallel:
             groups = [list(m.parameters()) for m in reversed(layer_units)]
             groups.append([p for p in params if p not in in_layer])
         else:
+            # Backward order: reverse registration (last layers' grads come first), except that the LM head's own
+            # weight (registered first, as the Decoder's own parameter) gets its gradient first of all: it goes
+            # into the first bucket, else the last bucket's buffer would be held through the whole backward
+            # (spec/units.py chunk_units groups the same way)
+            head = getattr(model, "head_weight", None)
+            embed = getattr(getattr(model, "embed", None), "weight", None)
+            if head is not None and head is not embed:
+                params = [p for p in params if p is not head] + [head]
             groups, cur, cur_bytes = [], [], 0
-            for p in reversed(params):                      # backward order: last layers' grads come first
+            for p in reversed(params):
                 cur.append(p)
                 cur_bytes += p.numel() * grad_dtype.itemsize
                 if cur_bytes >= bucket_MB * 2**20:
@@ -145,7 +163,13 @@ class DataParallel:
         if self.lowp:
             flat.copy_(flat.to(self.gather_dtype))      # parameters = rounded master, as after every gather
         grad = torch.zeros(padded, dtype=self.grad_dtype, device=dev)
-        shard_grad = torch.zeros(per, dtype=torch.float32, device=dev) if self.zero >= 1 else None
+        if self.zero == 0:
+            shard_grad = None
+        elif self.transient_grads:                      # the accumulator; the full buffer exists only while filled
+            shard_grad = torch.zeros(per, dtype=self.grad_dtype, device=dev)
+            _free(grad)
+        else:                                           # zero 1 (or one rank): reduced in place, a view
+            shard_grad = grad[mine]
         return Unit(params, offsets, padded, flat, grad, shard_param, shard_grad, decay[mine].clone(),
                     count[mine].clone(), index, sp_params=sp)
 
@@ -214,15 +238,12 @@ class DataParallel:
     # ---- gradients ---------------------------------------------------------------------------------------
     def start_micro_batch(self, micro: int, n_micro: int) -> None:
         """Call before each micro-batch's backward: communicate only on the last (zero 0, 1: DDP's no_sync), or
-        after every micro-batch (zero 2, 3: gradients accumulate in the reduced shard, as DeepSpeed does; the
-        full buffer lives only during one backward)."""
+        after every micro-batch (zero 2, 3: gradients accumulate in the reduced shard, as DeepSpeed does; a unit's
+        full buffer lives from its first gradient to its reduction)."""
         self.sync_now = self.per_micro_batch or micro == n_micro - 1
         for u in self.units:
             u.ready, u.launched = 0, False
-            if self.zero >= 2 and (micro == 0 or self.per_micro_batch):
-                _alloc(u.grad)
-                u.grad.zero_()
-            elif micro == 0 or self.per_micro_batch:
+            if not self.transient_grads and (micro == 0 or self.per_micro_batch):
                 u.grad.zero_()
 
     def zero_grad(self) -> None:
@@ -231,9 +252,22 @@ class DataParallel:
             if u.shard_grad is not None:
                 u.shard_grad.zero_()
 
+    def _ensure_grad(self, u: Unit) -> None:
+        """zero >= 2: allocate (zeroed) a unit's full gradient buffer if it was freed after its last reduction."""
+        if self.transient_grads and u.grad.untyped_storage().size() == 0:
+            self._drain(u)           # a gradient can land before the previous unit's last one: finish older
+            _alloc(u.grad)           # reductions first, so at most two full buffers exist (one filling, one
+            u.grad.zero_()           # reducing; DeepSpeed alternates two ipg buffers likewise)
+
+    def _drain(self, u: Unit) -> None:
+        for v in self.units:
+            if v is not u and v.pending:
+                self._complete(v)
+
     def _on_grad(self, p: nn.Parameter) -> None:
         u = self.unit_of[p]
         i = self.index_in_unit[p]
+        self._ensure_grad(u)
         u.grad[u.offsets[i]:u.offsets[i] + p.numel()].add_(p.grad.reshape(-1))
         p.grad = None
         u.ready += 1
@@ -242,6 +276,11 @@ class DataParallel:
 
     def _launch(self, u: Unit) -> None:
         u.launched = True
+        self._ensure_grad(u)                                # a unit none of whose parameters got a gradient
+        if self.transient_grads:
+            # bucket-sized full gradients (DeepSpeed's ipg buckets): finish the units launched before this one
+            # (their buffers are freed) before this one's reduction starts
+            self._drain(u)
         tag = comm.LOG.tag
         comm.LOG.tag = f"{tag}>sp_grad_allreduce:u{u.index}"
         if u.sp_params:                                     # SP partial sums over the sequence shards: one call
@@ -254,13 +293,26 @@ class DataParallel:
         if self.zero == 0:
             u.pending.append(comm.all_reduce(u.grad, self.dp, async_op=True))
         else:
-            out = torch.empty(u.numel // self.dp.size, dtype=u.grad.dtype, device=u.grad.device)
-            u.pending.append((comm.reduce_scatter(out, u.grad, self.dp, async_op=True), out))
+            # in place: this rank's shard of the buffer receives the sum (NCCL and gloo allow the output to be
+            # the input's own rank-th chunk); zero 1's shard_grad is that very view
+            per = u.numel // self.dp.size
+            mine = u.grad[self.dp.rank * per:(self.dp.rank + 1) * per]
+            u.pending.append(comm.reduce_scatter(mine, u.grad, self.dp, async_op=True))
         comm.LOG.tag = tag
         if self.zero == 3 and self.per_micro_batch and u is not self.root:
             # every gradient of the layer has landed, so its backward no longer reads the parameters: free them
             # now (FSDP reshards after each layer's backward), not after the whole backward
             self._release(u)
+
+    def _complete(self, u: Unit) -> None:
+        """Wait for u's reductions; zero >= 2: add the reduced shard into the accumulator, free the full buffer."""
+        for work in u.pending:
+            work.wait()
+        u.pending.clear()
+        if self.transient_grads:
+            per = u.numel // self.dp.size
+            u.shard_grad.add_(u.grad[self.dp.rank * per:(self.dp.rank + 1) * per])
+            _free(u.grad)
 
     def finish_backward(self) -> None:
         """After a micro-batch's backward: flush units whose hooks did not all fire, wait, post-process."""
@@ -270,25 +322,16 @@ class DataParallel:
             if not u.launched:
                 self._launch(u)
         for u in self.units:
-            for item in u.pending:
-                if isinstance(item, tuple):
-                    work, out = item
-                    work.wait()
-                    u.shard_grad.add_(out.float())
-                    if self.zero >= 2 and self.dp.active:
-                        _free(u.grad)
-                else:
-                    item.wait()
-            u.pending.clear()
+            if u.pending:
+                self._complete(u)
             if self.zero == 3:
                 u.in_backward = False
                 self._release(u)
 
     def grad_shards(self) -> list[torch.Tensor]:
         """Each unit's reduced gradient for the parameters this rank updates (fp32)."""
-        if self.zero >= 1:
-            return [u.shard_grad for u in self.units]
-        return [u.grad if u.grad.dtype == torch.float32 else u.grad.float() for u in self.units]
+        g = [u.shard_grad if self.zero >= 1 else u.grad for u in self.units]
+        return [x if x.dtype == torch.float32 else x.float() for x in g]
 
     def param_shards(self) -> list[torch.Tensor]:
         return [u.shard_param if self.zero >= 1 else u.flat for u in self.units]

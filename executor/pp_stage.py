@@ -17,9 +17,10 @@ gradients are summed over {first stage, last stage} once every backward of the s
 reduction of the chunk holding the copy (so the DP reduce-scatter of ZeRO >= 1 sees the summed gradient). That
 chunk's DP reduction therefore runs at the `optimizer` op instead of its own `dp_*` op: doing the cross-stage sum
 earlier could deadlock (the last stage would wait for the first while the first waits for the last stage's
-gradients). ZeRO-2/3 under PP reduce once per step as well (below), so they take the tied sum the same way.
-ZeRO-2/3 under PP (pp > 1), the plan's rule (spec/compile.py, docs/plan_ir.md): each chunk's gradients accumulate
-in full and are reduce-scattered once, on its last backward, and ZeRO-3 gathers each unit at the chunk's first
+gradients). That chunk reduces once per step under every ZeRO stage, so it takes the tied sum the same way.
+ZeRO-2 reduce-scatters after every micro-batch under PP too (DeepSpeed ZeRO-2), except the chunk holding the tied
+copy (above). ZeRO-3 under PP (pp > 1), the plan's rule (spec/compile.py, docs/plan_ir.md): each chunk's gradients
+accumulate in full and are reduce-scattered once, on its last backward, and ZeRO-3 gathers each unit at the chunk's first
 forward and keeps it until that reduction - torchtitan's FSDP under pipelining (gradient sync on the last
 backward, no resharding), whose memory simulator/memory.py checks against published runs; reducing after every
 micro-batch would multiply DP traffic by m. With cp only (pp = 1) they reduce after every micro-batch, as part 1's
@@ -88,11 +89,16 @@ class Stage:
             apply_context_parallel(d, self.cp, cp_layout, timeout_s)
             self.decoders.append(d)
         self.tied = tied_embedding_param(self.decoders) if m.tied_embeddings and p.pp > 1 else None
-        # ZeRO-2/3 under PP reduce once per step, on each chunk's last backward, and ZeRO-3 keeps a chunk gathered
-        # from its first forward to that reduction (the plan's rule, spec/compile.py: torchtitan's FSDP under
-        # pipelining); without PP (cp only) they reduce after every micro-batch as part 1's Trainer does.
+        # ZeRO-3 under PP reduces once per step, on each chunk's last backward, and keeps a chunk gathered from
+        # its first forward to that reduction (the plan's rule, spec/compile.py: torchtitan's FSDP under
+        # pipelining); ZeRO-2 reduces after every micro-batch, with or without PP (DeepSpeed ZeRO-2), except the
+        # chunk holding a tied embedding copy under PP (its cross-stage sum needs the full gradient, below);
+        # without PP (cp only) ZeRO-3 reduces after every micro-batch as part 1's Trainer does.
+        def every_mb(d) -> bool:
+            holds_tied = self.tied is not None and any(q is self.tied for q in d.parameters())
+            return p.pp == 1 or (p.zero == 2 and not holds_tied)
         self.dps = [DataParallel(d, self.dpcp, self.tp, p.zero, p.bucket_MB, grad_dtype,
-                                 layer_units=list(d.layers), every_micro_batch=p.pp == 1,
+                                 layer_units=list(d.layers), every_micro_batch=every_mb(d),
                                  param_dtype=act_dtype) for d in self.decoders]   # ZeRO gathers: the precision's
         self.tied_chunk = next((c for c, dp in enumerate(self.dps) if self.tied in dp.unit_of), None) \
             if self.tied is not None else None

@@ -9,9 +9,11 @@ Which prediction each row holds (docs/verify.md says why):
   after the first (warm-up) of the slowest rank's step; bubble and exposed comm from the measured op timeline by
   the simulator's own definitions (loom.simulator.timing.bubble_fraction on measured slices; exposed comm = comm
   time not covered by compute, per mesh dim).
-- comm bytes per kind, parameter / gradient / optimizer bytes per stage: exact predictions of the executor's
-  layout (loom.verify_predict), with the plan's and the memory model's figures in the `plan`/`model` column and
-  the reason wherever they differ.
+- comm bytes per kind: exact predictions of the executor's collectives (loom.verify_predict), with the plan's
+  figures in the `plan`/`model` column and the reason wherever they differ.
+- parameter / gradient / optimizer bytes per stage: the memory model (simulator/memory.py stage_memory), whose
+  layout is the executor's (padded units, ZeRO-1's in-place reduced full buffer, ZeRO-2/3's shard accumulator);
+  notes name where bf16's fp32 copies or SGD's momentum differ (verify_predict.state_notes).
 - activation bytes and peak memory: the memory model (simulator/memory.py) with the assumptions that describe the
   executor's kernels (`verify_predict.EXECUTOR_ACTIVATIONS`; the default assumptions' figure beside it).
 Tolerances (relative): `DEFAULT_TOLERANCES`, overridden by the spec's [verify] table, then by --tol on the CLI.
@@ -209,10 +211,12 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
             continue
         m = r["memory"]
         st = mem.per_stage[stage]
-        exact = vp.state_bytes(spec, stage)
+        # the memory model's own figure is the prediction (its layout is the executor's: padded units, ZeRO-1's
+        # full gradient buffer reduced in place, ZeRO-2/3's shard accumulator); the notes name known differences
+        exact = vp.state_elements(spec, stage)
         for key in ("params", "grads", "optimizer"):
-            rows.append(Row(f"{key} bytes (stage {stage})", exact[key], m[key], tol["model_states"], "B",
-                            getattr(st, key), vp.state_notes(spec, stage, key, getattr(st, key))))
+            rows.append(Row(f"{key} bytes (stage {stage})", getattr(st, key), m[key], tol["model_states"], "B",
+                            None, vp.state_notes(spec, key)))
         rows.append(Row(f"param elements (stage {stage})", exact["param_elements"], m["param_elements"],
                         tol["model_states"], "n", None, f"padded to {exact['padded_elements']}"))
         per_mb = sum(s["saved_layers_bytes"] for s in [r["steps"][i] for i in timed]) / len(timed) \

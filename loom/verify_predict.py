@@ -5,8 +5,8 @@ weights with fp32 master copies, unpadded ZeRO shards in memory, the collectives
 ops carry the executor's padded units, spec/units.py, shared with this module). The executor is a reference
 implementation with its own, documented, layout (executor/dp.py, model.py, tp.py, cp_ring.py, pp_stage.py). To
 hold it to exact equality, this module predicts exactly what the executor does, from the spec, by the rules those
-files state; `loom verify` prints these predictions next to the memory model's and the plan's and names every
-difference (`STATE_NOTES`, `comm_notes`).
+files state; `loom verify` prints these predictions next to the plan's and names every difference
+(`comm_notes`). Model states are predicted by the memory model itself (`state_notes`).
 
 Executor rules used (each from the named file):
 - Parameters (model.py, tp.py; spec/units.py, which the plan compiler uses too): per layer norm1, q, k, v, o, norm2, up, [gate], down in registration order; Q/K/V
@@ -16,9 +16,10 @@ Executor rules used (each from the named file):
 - Units (dp.py; spec/units.py): ZeRO-0/1/2 group parameters in reverse order into buckets that close once their gradient bytes
   reach bucket_MB; ZeRO-3 makes one unit per layer plus one root unit; every unit is padded to a multiple of the
   DP group size (dp, times cp when cp > 1: pp_stage.Stage reduces over dp+cp). One DataParallel per model chunk.
-- Storage after a step (dp.py, optim.py): fp32 flat parameters (ZeRO-3 with dp > 1: only the fp32 owned shard);
-  gradient accumulators in grad_dtype (ZeRO >= 2 with dp > 1: freed after the reduction) plus fp32 reduced shards
-  (ZeRO >= 1); optimizer: AdamW/Adam m and v, SGD a momentum buffer, fp32, the size of the parameter shard.
+- Model states: no formula here. The state rows compare the executor's measured bytes with the memory model's
+  (simulator/memory.py stage_memory), which counts the executor's layout (dp.py: padded units; ZeRO-1 the full
+  gradient buffer, reduced in place; ZeRO-2/3 the grad_dtype shard accumulator) - one figure for both;
+  `state_notes` names where fp32 master/working copies (bf16) or SGD's momentum put bytes in another row.
 """
 from __future__ import annotations
 
@@ -67,50 +68,29 @@ def stage_units(spec, stage: int) -> list[list[Unit]]:
     return [chunk_units(spec, *c) for c in stage_chunks(spec, stage)]
 
 
-def state_bytes(spec, stage: int) -> dict[str, int]:
-    """Parameter, gradient and optimizer bytes one rank of `stage` holds after a step (executor layout)."""
-    p, t = spec.plan, spec.training
-    n_dp = dp_group_size(spec)
-    gb = DTYPE_BYTES[t.grad_dtype]
+def state_elements(spec, stage: int) -> dict[str, int]:
+    """Parameter elements one rank of `stage` holds, and the same after padding every unit to the DP group."""
     units = [u for us in stage_units(spec, stage) for u in us]
-    padded = sum(u.numel for u in units)
-    shard = padded // n_dp
-    sharded_params = p.zero == 3 and n_dp > 1
-    params = (shard if sharded_params else padded) * F32
-    if p.zero in (1, 2) and param_gather_bytes(spec) != F32:     # the fp32 master shard beside the buffer
-        params += shard * F32
-    full_grad_kept = not (p.zero >= 2 and n_dp > 1)         # freed after its reduction (dp.py finish_backward)
-    grads = (padded * gb if full_grad_kept else 0) + (shard * F32 if p.zero >= 1 else 0)
-    opt_shard = shard if p.zero >= 1 else padded
-    states = 1 if t.optimizer == "sgd" else 2
-    return {"params": params, "grads": grads, "optimizer": opt_shard * F32 * states,
-            "param_elements": sum(q.numel for u in units for q in u.params), "padded_elements": padded}
+    return {"param_elements": sum(q.numel for u in units for q in u.params),
+            "padded_elements": sum(u.numel for u in units)}
 
 
-def state_notes(spec, stage: int, key: str, model_bytes: int) -> str:
-    """Why the memory model's `key` bytes differ from the executor's, naming each rule that applies."""
+def state_notes(spec, key: str) -> str:
+    """Why the executor's measured `key` bytes (params, grads, optimizer) may differ from the memory model's
+    (simulator/memory.py stage_memory, the row's prediction), naming each rule that applies; "" where the two
+    layouts are the same (fp32 training with AdamW/Adam: every ZeRO stage, with or without PP)."""
     p, t = spec.plan, spec.training
-    exact = state_bytes(spec, stage)
-    if exact[key] == model_bytes:
-        return ""
     why = []
-    pad = exact["padded_elements"] - exact["param_elements"]
-    if pad:
-        why.append(f"executor pads its units to a multiple of the DP group (+{pad} elements)")
-    if key == "params" and t.precision != "fp32":
-        why.append(f"executor keeps fp32 parameters (autocast), the memory model {t.precision} ones")
-    if key == "grads" and p.zero == 1 and dp_group_size(spec) > 1:
-        why.append("ZeRO-1: the executor keeps the fp32 reduced shard beside the full gradient buffer")
-    if key == "grads" and p.zero >= 2 and dp_group_size(spec) > 1:
-        why.append("ZeRO-2/3: the executor's full gradient buffer is freed after the reduction; its shard is fp32")
+    lowp = t.precision != "fp32"
+    if key == "params" and lowp:
+        why.append(f"the executor keeps fp32 parameter buffers (autocast; ZeRO >= 1 over >1 rank: holding the "
+                   f"{t.precision}-rounded values, plus the fp32 master shard), the memory model 2-byte weights")
     if key == "optimizer":
+        if lowp:
+            why.append("the memory model counts the fp32 master copy here, the executor under params")
         if t.optimizer == "sgd":
             why.append("SGD: the executor keeps a momentum buffer, the memory model none")
-        if t.precision != "fp32":
-            why.append("no fp32 master copy in the executor (its parameters are fp32)")
-    if key == "params" and p.zero == 3 and p.pp > 1:
-        why.append("ZeRO-3 under PP: the memory model counts the stage's gathered parameters in comm_buffers")
-    return "; ".join(why) or "memory model and executor layouts differ"
+    return "; ".join(why)
 
 
 # ---- collectives -------------------------------------------------------------------------------------------------

@@ -189,8 +189,8 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
         else:             # gathered once per chunk at its first forward; the first one cannot be prefetched
             zero3_once = t_g
 
-    # DP: each chunk's buckets follow its last backward (ZeRO 0/1), or every backward (ZeRO 2/3 keep a gradient
-    # shard only, so each micro-batch's gradients are reduce-scattered); bucket-op k of n_ops may start once
+    # DP: each chunk's buckets follow its last backward (ZeRO 0/1, ZeRO-3 under PP), or every backward (ZeRO-2,
+    # ZeRO-3 without PP keep a gradient shard only, so each micro-batch's gradients are reduce-scattered); bucket-op k of n_ops may start once
     # (k+1)/n_ops of the backward is done, while the backward's own TP collectives follow it on compute.
     kind = OpKind.DP_ALLREDUCE if p.zero == 0 else OpKind.DP_REDUCESCATTER
     bucket = p.bucket_MB * 2**20
@@ -213,8 +213,11 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     counts = [len(r) for r in split_layers(spec.model.layers, pp * v)] if p.uneven_split else [n]
     first = issue(sh.chunk_params(range(counts[0]), True, pp == 1 and v == 1))   # stage 0, chunk 0: + embedding
     rest = issue(chunk_params) if v > 1 else (0.0, 0.0)
-    per_mb = p.zero >= 2 and pp == 1        # compile_plan: not under PP (the chunk's gradients stay unsharded)
-    d_unit = (first[0] + (v - 1) * rest[0]) / v if per_mb else 0.0
+    # compile_plan's per_micro_batch_reduction: ZeRO-2 always, ZeRO-3 without PP; under PP with tied embeddings
+    # stage 0's first chunk (it holds the table) reduces once per step, after its last backward (the tail below)
+    per_mb = p.zero == 2 or (p.zero == 3 and pp == 1)
+    tied_once = per_mb and pp > 1 and spec.model.tied_embeddings
+    d_unit = ((0.0 if tied_once else first[0]) + (v - 1) * rest[0]) / v if per_mb else 0.0
 
     u = _Unit()
     u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r = t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r
@@ -265,16 +268,20 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     c_f = t_f + tp_f
     c_b = t_r + t_b + tp_r + tp_b
     k_f = x_f + g_unit / 2
-    k_b = x_b + g_unit / 2 + d_unit
+    # per-micro-batch DP buckets pace every unit without PP; under PP (ZeRO-2) they run beside the other stages'
+    # work, so only the comm stream's total bounds the pipeline (below)
+    k_b = x_b + g_unit / 2 + (d_unit if pp == 1 else 0.0)
     c_unit, k_unit = c_f + c_b, k_f + k_b
     x_unit = x_f + x_b
     blocking = x_unit > 0 or g_unit > 0
     wait = x_wait + g_wait
     # With per-micro-batch DP buckets in the queue, the next op's gather / K/V exchange waits behind the last
     # bucket, so it cannot be prefetched: the op waits for the bucket tail and the whole gather (with CP, whose
-    # first block is queued behind the gather) or its first layer (without).
+    # first block is queued behind the gather) or its first layer (without). Under PP (ZeRO-2 with CP) this is not
+    # charged per unit (it overstates plans with few micro-batches); the comm stream's total bounds the step
+    # instead (comm_end), which understates ZeRO-2 + CP + PP with many micro-batches (~15 %, docs/measurements.md).
     queued = 0.0
-    if blocking and per_mb:
+    if blocking and per_mb and pp == 1:
         queued = first[1] + (g_unit / 2 * (1.0 if x_unit > 0 else 1.0 / max(n, 1)) if g_unit else 0.0)
     if blocking and p.schedule == "afab":       # all forwards, then all backwards: the streams pair up per phase
         unit = max(c_f, k_f) + max(c_b + queued, k_b) + 2 * wait
@@ -297,10 +304,13 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     # the last stage also runs the LM head (less one chunk's missing layers under an uneven split)
     head = m * max(0.0, t_head - u.last_light * unit)
     t_pipe = units * (unit + 2 * p2p) + head + zero3_once
-    if not blocking and per_mb:
-        # (pp = 1) the buckets run beside the compute from the first backward on; what does not fit shows
-        lead = m * c_f if p.schedule == "afab" else c_f
+    lead = (m * v * c_f if p.schedule == "afab" else c_f) + (pp - 1) * (unit + 2 * p2p)
+    if per_mb and not blocking and pp == 1:
+        # the buckets run beside the compute from the first backward on; what does not fit shows
         t_pipe = max(t_pipe, lead + m * d_unit)
+    # ZeRO-2 under PP: stage 0's buckets (and its backwards' K/V blocks, same stream) run from its first backward
+    # on (after the fill and, with afab, all forwards); the stream's end bounds the step (tail included)
+    comm_end = lead + m * v * (d_unit + x_b) if per_mb and pp > 1 else 0.0
 
     # ---- the tail on stage 0 (the last to finish its backward) ---------------------------------------------
     dp_exposed = first[1]
@@ -334,6 +344,8 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
         else:
             zero12 = g_c + (v - 1) * max(0.0, g_c - pp * c_f)
 
+    if comm_end > t_pipe + dp_exposed:
+        dp_exposed = comm_end - t_pipe
     step = t_pipe + dp_exposed + t_opt + zero12
     stall = m * v * (unit - c_unit)                    # the comm stream holding compute back
     share = (x_unit + x_wait) / (k_unit + x_wait + g_wait) if blocking else 0.0

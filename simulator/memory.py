@@ -6,6 +6,13 @@ momentum 4, variance 4). Gradients are 4 bytes when `training.grad_dtype = "fp32
 reduces in fp32: its 18 bytes/param = 2 + 4 + 12, megatron/training/theoretical_memory_usage.py) and 2 bytes for
 "bf16". fp32 training keeps no master copy (params 4, grads 4, Adam 8). SGD (no momentum) keeps no moments.
 ZeRO stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters (ZeRO §5.1-5.3).
+Gradients under ZeRO-1 are the full buffer: the reduce-scatter writes into the buffer's own shard, which the
+optimizer reads (Megatron-LM's distributed optimizer, core/distributed/param_and_grad_buffer.py: one fp32 grad
+buffer, each bucket reduce-scattered in place). Under ZeRO-2 only the shard accumulator persists; full gradients
+exist one bucket at a time during each backward (DeepSpeed ZeRO-2, runtime/zero/stage_1_and_2.py: reduce_bucket_size
+buckets reduced as the backward fills them, every micro-batch under accumulation), counted in `_comm_buffers`.
+The states are counted over the executor's flat units (spec/units.py), each padded to a multiple of the dp·cp
+group (Megatron pads its buffer likewise), so these rows equal what executor/dp.py allocates (loom verify).
 
 Loom shards ZeRO state over dp·cp ranks, not dp alone: context-parallel ranks hold the same parameters and
 reduce gradients together, and both Megatron-LM (its distributed optimizer uses the data-parallel group *with*
@@ -29,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from loom.spec.compile import split_layers
-from loom.spec.units import padded_vocab
+from loom.spec.units import chunk_tensors, chunk_units, padded_vocab
 from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
@@ -107,7 +114,9 @@ def activation_bytes(precision: str) -> int:
 
 
 def grad_bytes(spec: Spec) -> int:
-    return 4 if spec.training.precision == "fp32" else (4 if spec.training.grad_dtype == "fp32" else 2)
+    """training.grad_dtype: the accumulation and reduction buffers (fp32 by default, as Megatron-LM; the plan's
+    DP bytes and the executor's buffers use the same dtype, whatever the precision)."""
+    return 4 if spec.training.grad_dtype == "fp32" else 2
 
 
 def optimizer_bytes(spec: Spec) -> int:
@@ -170,6 +179,33 @@ def _shard(n: int, ways: int) -> int:
     return -(-n // ways)
 
 
+_PADDED: dict = {}          # memo for the search's hot loop: (model id, layout, stage) -> padded elements
+
+
+def stage_padded_elements(spec: Spec, stage: int) -> int:
+    """Elements of a stage's flat units after padding each to a multiple of dp·cp (spec/units.py chunk_units, the
+    grouping executor/dp.py and the plan's DP ops use): parameters plus < dp·cp padding elements per unit."""
+    p, m = spec.plan, spec.model
+    shard = p.dp * p.cp
+    if shard == 1:
+        return stage_params_per_gpu(m, p.pp, p.tp, stage, p.vpp)
+    gb = grad_bytes(spec)
+    key = (id(m), p.tp, p.sp, p.zero, p.bucket_MB, gb, shard, p.pp, p.vpp, p.uneven_split, stage)
+    n = _PADDED.get(key)
+    if n is None:
+        if len(_PADDED) > 50_000:
+            _PADDED.clear()
+        ranges = split_layers(m.layers, p.pp * p.vpp)
+        n = 0
+        for j in range(p.vpp):
+            v = j * p.pp + stage
+            n += sum(u.numel for u in chunk_units(m, p.tp, p.sp, p.zero, p.bucket_MB, gb, shard,
+                                                  range(len(ranges[v])), v == 0, v == p.pp * p.vpp - 1))
+        _PADDED[key] = n
+        _PADDED[("keep", id(m))] = m           # keep the model alive while its id keys the memo
+    return n
+
+
 # ---- buffers ---------------------------------------------------------------------------------------------
 def _comm_buffers(spec: Spec, stage: int, tokens: float) -> int:
     """Communication buffers beyond the model states.
@@ -184,23 +220,31 @@ def _comm_buffers(spec: Spec, stage: int, tokens: float) -> int:
       gradients accumulate unsharded until the last micro-batch's reduce-scatter (torchtitan's FSDP under
       pipeline parallelism: reshard_after_forward is off when pp is on, and torch.distributed.pipelining only
       syncs gradients on the last backward; DeepSpeed forbids ZeRO-2/3 with PP for this reason). So the whole
-      stage's parameters (param bytes) and gradients (grad bytes) are counted unsharded. ZeRO-2 with pp > 1
-      likewise reduces once per step (the plan compiler's rule), so its full gradients are counted too.
+      stage's parameters (param bytes) and gradients (grad bytes) are counted unsharded. ZeRO-2 reduce-scatters
+      every micro-batch under PP as without it (DeepSpeed ZeRO-2's buckets; the plan compiler's rule), so it
+      keeps the two buckets - except that under PP with tied embeddings the chunk holding the table (first and
+      last stage) reduces once per step (spec/compile.py per_micro_batch_reduction): its full gradients too.
     - CP > 1: ring attention's send and receive K/V blocks, 2 × (K + V) of the local sequence (Liu et al. 2023,
       Ring Attention; Megatron/TE's context-parallel attention double-buffers them).
     """
     p, t, m = spec.plan, spec.training, spec.model
     total = 0.0
-    if p.zero >= 2 and p.pp > 1:
-        # Under pipelining the plan reduces ZeRO-2/3 gradients once per step (compile.py), so the stage's
-        # gradients accumulate unsharded, and ZeRO-3 also keeps the stage's parameters gathered.
+    if p.zero == 3 and p.pp > 1:
+        # Under pipelining the plan reduces ZeRO-3 gradients once per step (compile.py), so the stage's
+        # gradients accumulate unsharded, and its parameters stay gathered.
         n = stage_params_per_gpu(m, p.pp, p.tp, stage, p.vpp)
-        total += n * ((param_bytes(t.precision) if p.zero == 3 else 0) + grad_bytes(spec))
+        total += n * (param_bytes(t.precision) + grad_bytes(spec))
     elif p.zero == 3:
         units = sorted(_units_per_gpu(m, p.pp, p.tp, stage, p.vpp), reverse=True)
         total += sum(units[:2]) * param_bytes(t.precision) + units[0] * grad_bytes(spec)
     elif p.dp * p.cp > 1:
         total += 2 * p.bucket_MB * MiB
+        if p.zero == 2 and p.pp > 1 and m.tied_embeddings and stage in (0, p.pp - 1):
+            v = p.vpp
+            j = 0 if stage == 0 else p.pp * v - 1           # the chunk holding the table (or its copy)
+            layers = split_layers(m.layers, p.pp * v)[j]
+            total += grad_bytes(spec) * sum(q.numel for q in chunk_tensors(m, p.tp, p.sp, range(len(layers)),
+                                                                            j == 0, j == p.pp * v - 1))
     if p.cp > 1:
         total += 2 * 2 * tokens * m.kv_dim / p.tp * activation_bytes(t.precision)
     return int(total)
@@ -226,10 +270,10 @@ def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int) -> t
 def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DEFAULT) -> StageMemory:
     p, t, m = spec.plan, spec.training, spec.model
     shard = p.dp * p.cp
-    n = stage_params_per_gpu(m, p.pp, p.tp, stage, p.vpp)
-    params = (_shard(n, shard) if p.zero == 3 else n) * param_bytes(t.precision)
-    grads = (_shard(n, shard) if p.zero >= 2 else n) * grad_bytes(spec)
-    optimizer = (_shard(n, shard) if p.zero >= 1 else n) * optimizer_bytes(spec)
+    n = stage_padded_elements(spec, stage)             # a multiple of dp·cp: every shard is n / (dp·cp)
+    params = (n // shard if p.zero == 3 else n) * param_bytes(t.precision)
+    grads = (n // shard if p.zero >= 2 else n) * grad_bytes(spec)
+    optimizer = (n // shard if p.zero >= 1 else n) * optimizer_bytes(spec)
 
     act = activation_bytes(t.precision)
     tokens = m.seq_len / p.cp * t.micro_batch          # tokens of one micro-batch on one rank

@@ -25,8 +25,9 @@ Per rank and per micro-batch of b·s tokens (b micro-batch, s seq_len, t = tp, c
   with ZeRO-0; reduce-scatter with ZeRO >= 1 (Megatron's distributed optimizer reduce-scatters for ZeRO-1 too,
   then all-gathers updated params after the step). ZeRO-0/1 reduce once per step, after the last micro-batch
   (DDP no_sync / Megatron's accumulation buffer); ZeRO-2/3 hold only a gradient shard, so they reduce-scatter
-  after every micro-batch (DeepSpeed ZeRO-2; FSDP under gradient accumulation) - except with PP, where they
-  reduce once per step (torchtitan syncs on the last backward under PP). Bytes are those on the wire: each rank's
+  after every micro-batch (DeepSpeed ZeRO-2; FSDP under gradient accumulation) - ZeRO-2 under PP too, ZeRO-3
+  under PP once per step (torchtitan syncs on the last backward under PP), and under PP with tied embeddings the
+  chunk holding the table once per step (`per_micro_batch_reduction`). Bytes are those on the wire: each rank's
   own parameters (spec/units.py: replicated norms, row-parallel biases and position table; vocabulary padded to
   a multiple of tp; the tied table's copy on the last stage under PP) grouped into the executor's units (buckets
   closed at parameter boundaries; ZeRO-3: layers and root), each padded to a multiple of dp·cp so it splits into
@@ -405,13 +406,18 @@ def compile_plan(spec) -> Plan:
                 main = compute(OpKind.BACKWARD, 2 * f_flops, 2 * f_attn, 2 * f_mem, kv + [(cp_steps, sh.dkv_msg)])
                 tails[("B", s, c, mb)] = group_ops[-1]
                 # ZeRO-0/1 accumulate full gradients and reduce once per step, from the chunk's last backward (DDP
-                # no_sync; Megatron's accumulation buffer). ZeRO-2/3 keep only a gradient shard, so they
-                # reduce-scatter after every micro-batch's backward (DeepSpeed ZeRO-2, FSDP without no_sync) -
-                # except under PP, where they reduce once per step, on the chunk's last backward: torchtitan's
-                # pipeline schedules sync FSDP gradients only on the last backward (torch.distributed.pipelining
+                # no_sync; Megatron's accumulation buffer, reduce-scattered in place by its distributed optimizer).
+                # ZeRO-2/3 keep only a gradient shard, so they reduce-scatter after every micro-batch's backward
+                # (DeepSpeed ZeRO-2, runtime/zero/stage_1_and_2.py: buckets reduced as the backward fills them,
+                # every micro-batch under accumulation; FSDP without no_sync). ZeRO-2 does so under PP too; ZeRO-3
+                # under PP reduces once per step, on the chunk's last backward: torchtitan's pipeline schedules
+                # sync FSDP gradients only on the last backward (torch.distributed.pipelining
                 # stage.backward_maybe_with_nosync) and keep the stage unsharded, whose memory simulator/memory.py
-                # models and checks against published torchtitan runs (DeepSpeed refuses ZeRO-2/3 with PP).
-                per_mb = par.zero >= 2 and pp == 1
+                # models and checks against published torchtitan runs. Under PP with tied embeddings the chunk
+                # holding the table (first or last virtual stage) reduces once per step as well, at any ZeRO stage:
+                # the cross-stage sum of the tied gradient (executor/pp_stage.py, Megatron's
+                # _allreduce_embedding_grads) needs the whole step's full gradient before the DP reduction.
+                per_mb = per_micro_batch_reduction(spec, first, last)
                 if dpcp > 1 and (idx == last_b[c] or per_mb):
                     dp_ops.setdefault(s, []).extend(_buckets(b, s, c, layers, first, last, main,
                                                              mb if per_mb else -1))
@@ -423,6 +429,17 @@ def compile_plan(spec) -> Plan:
     _stream_order(b)
     return Plan(spec=spec, mesh=mesh, op_list=b.ops, edges=b.edges, schedule=sched, stage_chunks=stage_chunks,
                 programs=b.programs)
+
+
+def per_micro_batch_reduction(spec, first: bool, last: bool) -> bool:
+    """Whether a chunk (first/last: it holds the first/last virtual stage) reduce-scatters its gradients after
+    every micro-batch's backward (else once per step, after its last): ZeRO-2 always, ZeRO-3 without PP; never the
+    chunk holding a tied embedding copy under PP (the tied sum needs the step's full gradient). The executor
+    (executor/dp.py every_micro_batch, set by executor/pp_stage.py) and simulator/memory.py follow this."""
+    p = spec.plan
+    if p.pp > 1 and spec.model.tied_embeddings and (first or last):
+        return False
+    return p.zero == 2 or (p.zero == 3 and p.pp == 1)
 
 
 def _buckets(b: _Builder, s: int, c: int, layers: range, first: bool, last: bool, backward: int,

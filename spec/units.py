@@ -87,9 +87,12 @@ def chunk_units(m, tp: int, sp: bool, zero: int, bucket_MB: float, grad_bytes: i
             groups.append(layer_part[i * per_layer:(i + 1) * per_layer])
         groups.append(params[:lead] + params[lead + per_layer * len(layers):])
     else:
+        order = list(params)
+        if last and not (first and m.tied_embeddings):     # the head's own weight: its gradient comes first,
+            order.append(order.pop(1 if first and m.position == "learned" else 0))   # so it is reduced first
         cur: list[Param] = []
         cur_bytes = 0
-        for q in reversed(params):
+        for q in reversed(order):
             cur.append(q)
             cur_bytes += q.numel * grad_bytes
             if cur_bytes >= bucket_MB * 2**20:

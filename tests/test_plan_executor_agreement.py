@@ -86,7 +86,11 @@ LAYOUTS4 = {"dp2_tp2": _spec({"dp": 2, "tp": 2}, micro_batch=2),
                                             model={**ODD, "tied_embeddings": True}),
             "bf16_dp2_tp2_sp_zero3_gpt2": _spec({"dp": 2, "tp": 2, "sp": True, "zero": 3}, micro_batch=2,
                                                 model=GPT2, precision="bf16"),
-            "bf16_dp2_pp2_zero2": _spec({"dp": 2, "pp": 2, "zero": 2}, micro_batch=2, precision="bf16")}
+            "bf16_dp2_pp2_zero2": _spec({"dp": 2, "pp": 2, "zero": 2}, micro_batch=2, precision="bf16"),
+            # ZeRO-2 under PP reduces every micro-batch, except the chunk holding the tied table (once per step)
+            "dp2_pp2_zero2_tied_interleaved": _spec({"dp": 2, "pp": 2, "zero": 2, "schedule": "interleaved",
+                                                     "vpp": 2}, micro_batch=2,
+                                                    model={**MODEL, "tied_embeddings": True})}
 
 EXACT = ("tp_allreduce", "sp_allgather", "sp_reducescatter", "cp_kv_exchange", "pp_send_act", "pp_send_grad",
          "pp_recv_act", "pp_recv_grad")

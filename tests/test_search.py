@@ -125,9 +125,15 @@ def test_fast_path_agrees_with_event_simulation_on_winners(results):
     (dict(dp=16, tp=2, pp=2, zero=0, schedule="afab"), dict(micro_batch=2)),
     (dict(dp=8, tp=4, pp=2, zero=2, mesh=["dp", "pp", "cp", "tp"]), {}),
     (dict(dp=4, tp=4, cp=4, sp=True, zero=1), dict(recompute="none")),
+    # ZeRO-2 under PP reduce-scatters every micro-batch (compile_plan), tied embeddings: stage 0's first chunk once
+    (dict(dp=4, tp=4, pp=4, zero=2, schedule="interleaved", vpp=2), dict(_tied=True)),
+    (dict(dp=4, tp=4, pp=4, zero=2, schedule="afab"), dict(micro_batch=2)),
+    (dict(dp=16, tp=2, pp=2, zero=2), dict(micro_batch=1, _tied=True)),
 ])
 def test_fast_path_agrees_with_event_simulation_on_fixed_plans(par, training):
-    spec = spec_from_dict({"model": {"preset": "llama3-70b"}, "cluster": {"nodes": 8},
+    training = dict(training)
+    tied = training.pop("_tied", False)
+    spec = spec_from_dict({"model": {"preset": "llama3-70b", "tied_embeddings": tied}, "cluster": {"nodes": 8},
                            "training": {"global_batch": 64, **training}, "parallel": par})
     assert fast_step(spec).step_time_s == pytest.approx(simulate_time(spec).step_time_s, rel=0.05)
 
