@@ -79,7 +79,7 @@ def state_notes(spec, key: str) -> str:
     """Why the executor's measured `key` bytes (params, grads, optimizer) may differ from the memory model's
     (simulator/memory.py stage_memory, the row's prediction), naming each rule that applies; "" where the two
     layouts are the same (fp32 training with AdamW/Adam: every ZeRO stage, with or without PP)."""
-    p, t = spec.plan, spec.training
+    t = spec.training
     why = []
     lowp = t.precision != "fp32"
     if key == "params" and lowp:

@@ -39,7 +39,6 @@ class Alternative:
 
 @dataclass(frozen=True)
 class FitAdvice:
-    peak_bytes: int               # the user's plan
     hbm_bytes: int
     alternatives: list[Alternative]   # fitting neighbours, best first (at most MAX_SHOWN)
     states_floor_bytes: int       # params + grads + optimizer states / world size: no plan on this cluster is lower
@@ -118,4 +117,4 @@ def advise(spec: Spec) -> FitAdvice:
         step = fast_step(new).step_time_s
         fits.append((n_moves, Alternative(changes, peak, step, mfu(new, step))))
     fits.sort(key=lambda f: (f[0], f[1].step_time_s))          # fewest moves, then fastest
-    return FitAdvice(memory_report(spec).peak_bytes, hbm, [a for _, a in fits[:MAX_SHOWN]], states_floor(spec))
+    return FitAdvice(hbm, [a for _, a in fits[:MAX_SHOWN]], states_floor(spec))

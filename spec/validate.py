@@ -135,7 +135,7 @@ def check_parallel(spec: Spec) -> list[SpecIssue]:
                                     f"divisible by pp = {p.pp} (Megatron-LM's rule).",
                                     f"use global_batch = {p.dp * t.micro_batch * p.pp * max(1, round(spec.micro_batches / p.pp))}."))
     elif p.vpp != 1:
-        issues.append(SpecIssue("parallel.vpp", p.vpp, f"vpp > 1 only applies to schedule = \"interleaved\".",
+        issues.append(SpecIssue("parallel.vpp", p.vpp, "vpp > 1 only applies to schedule = \"interleaved\".",
                                 "set vpp = 1, or schedule = \"interleaved\"."))
     if t.recompute == "op" and p.cp > 1:
         issues.append(SpecIssue("training.recompute", "op",
