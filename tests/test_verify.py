@@ -1,7 +1,7 @@
 """loom verify: five plans run on two gloo ranks (one pool for the module) and every exact metric - comm bytes per
 kind, parameter / gradient / optimizer bytes per stage - equals its prediction; timing is reported (finite and
-positive); the spec-side layout prediction matches the executor's real parameter list; one end-to-end
-`loom verify --json` through torchrun."""
+positive); one end-to-end `loom verify --json` through torchrun. The checks that need no processes are in
+test_verify_layout.py."""
 from __future__ import annotations
 
 import json
@@ -9,23 +9,14 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from loom.spec.load import spec_from_dict
+from verify_specs import BASE, CACHE, make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = tempfile.mkdtemp(prefix="loom-verify-data-")
-
-BASE = {
-    "model": {"name": "t", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn_hidden": 128, "vocab": 257,
-              "seq_len": 32},
-    "cluster": {"gpu": "cpu", "gpus_per_node": 2},
-    "training": {"global_batch": 8, "micro_batch": 2, "precision": "fp32", "recompute": "none", "lr": 1e-3},
-    "data": {"cache_dir": CACHE},
-}
 PLANS = {
     "dp2-zero1": {"dp": 2, "zero": 1, "bucket_MB": 0.05},
     "tp2-sp": {"tp": 2, "sp": True},
@@ -38,16 +29,6 @@ PLANS = {
     "pp2-interleaved-tied": {"pp": 2, "schedule": "interleaved", "vpp": 2, "_model": {"tied_embeddings": True}},
 }
 STEPS = 3
-
-
-def make_spec(parallel: dict, **model):
-    d = json.loads(json.dumps(BASE))
-    parallel = dict(parallel)
-    d["training"].update(parallel.pop("_training", {}))
-    d["model"].update({**parallel.pop("_model", {}), **model})
-    d["model"]["layers"] = 4 if parallel.get("vpp", 1) > 1 else d["model"]["layers"]
-    d["parallel"] = parallel
-    return spec_from_dict(d)
 
 
 def _measure_job(parallel: dict, steps: int) -> dict:
@@ -141,74 +122,6 @@ def test_activations_are_measured_per_layer_and_shard_with_tp(measured):
                          if r.metric.startswith("activation bytes per micro-batch"))
     full, tp = get("dp2-zero1").measured, get("tp2-sp").measured
     assert full > 0 and 0.3 * full < tp < 0.7 * full
-
-
-# ---- the spec-side layout prediction against the real executor modules (no processes) -----------------------------
-@pytest.mark.parametrize("model,tp,first,last", [
-    ({}, 1, True, True), ({}, 2, True, True), ({"bias": True, "norm": "layernorm", "activation": "gelu"}, 2, True, True),
-    ({"position": "learned"}, 1, True, False), ({"tied_embeddings": False}, 2, False, True),
-    ({"tied_embeddings": False, "position": "learned"}, 2, True, True), ({}, 2, False, False)])
-def test_param_layout_matches_the_executor(model, tp, first, last):
-    import torch
-    from loom.executor.comm import Group
-    from loom.executor.model import BuildCtx, Decoder
-    from loom.verify_predict import _chunk_params
-    spec = make_spec({"tp": tp, "dp": 2 // tp}, **model)
-    for rank in range(tp):
-        g = Group("tp", None, tp, rank)           # construction only slices tensors: no communication
-        dec = Decoder(BuildCtx(spec.model, tp=g, device=torch.device("cpu")), layers=range(2), first=first, last=last)
-        real = [p.numel() for p in dict.fromkeys(dec.parameters())]
-        assert [q.numel for q in _chunk_params(spec, range(2), first, last)] == real
-
-
-def test_units_pad_to_the_dp_group_and_bucket_in_reverse_order():
-    from loom.simulator.memory import memory_report
-    from loom.verify_predict import chunk_units, state_elements
-    spec = make_spec({"dp": 2, "zero": 1, "bucket_MB": 0.05})
-    units = chunk_units(spec, range(2), True, True)
-    assert all(u.numel % 2 == 0 for u in units)
-    assert all(sum(q.numel for q in u.params) * 4 >= 0.05 * 2**20 for u in units[:-1])   # closed buckets are full
-    s = state_elements(spec, 0)
-    assert s["padded_elements"] == sum(u.numel for u in units) >= s["param_elements"]
-    # the memory model counts these padded units (the verify rows' prediction)
-    st = memory_report(spec).per_stage[0]
-    assert st.params == s["padded_elements"] * 4
-    assert st.grads == s["padded_elements"] * 4          # ZeRO-1: the full buffer, reduced in place (no shard copy)
-    assert st.optimizer == s["padded_elements"] // 2 * 4 * 2                       # AdamW m, v over the shard
-
-
-def test_verify_table_in_spec_is_validated_and_overrides():
-    from loom.spec import SpecError
-    from loom.verify import parse_tol, tolerances
-    d = json.loads(json.dumps(BASE))
-    d["parallel"] = {"dp": 2}
-    d["verify"] = {"activations": 0.5, "bubble": 0.2}
-    tol = tolerances(spec_from_dict(d), parse_tol(["comm_bytes=0.1", "exposed_comm=none"]))
-    assert tol["activations"] == 0.5 and tol["bubble"] == 0.2 and tol["comm_bytes"] == 0.1
-    assert tol["exposed_comm"] is None and tol["step_time_cpu"] == 0.25
-    d["verify"] = {"activation": 0.1}
-    with pytest.raises(SpecError) as e:
-        spec_from_dict(d)
-    assert "verify.activation" in str(e.value.issues[0])
-    with pytest.raises(ValueError, match="unknown metric"):
-        parse_tol(["steptime=0.1"])
-
-
-def test_measured_exposed_comm_counts_only_uncovered_time():
-    """A 10 ms forward with a blocking 2 ms TP all-reduce inside and a DP reduce from 8 to 14 ms: tp exposed 2 ms
-    (blocking), dp exposed 4 ms (10..14; 8..10 overlaps the forward's compute)."""
-    from loom.spec.plan import OpKind
-    from loom.verify import measured_exposed_comm
-    spec = make_spec({"dp": 2})
-    from loom.spec.compile import compile_plan
-    plan = compile_plan(spec)
-    fwd = next(op for op in plan.program(0) if op.kind == OpKind.FORWARD)
-    step = {"ops": [[fwd.id, 0.0, 0.010]],
-            "comm": [{"kind": "all_reduce", "group": "tp", "bytes": 1, "tag": "forward", "start": 0.004, "end": 0.006},
-                     {"kind": "reduce_scatter", "group": "dp", "bytes": 1, "tag": "x>dp_reducescatter", "start": 0.008,
-                      "end": 0.014}]}
-    e = measured_exposed_comm(plan, step)
-    assert e["tp"] == pytest.approx(0.002) and e["dp"] == pytest.approx(0.004)
 
 
 # ---- end to end: the CLI through torchrun ---------------------------------------------------------------------------
