@@ -221,3 +221,33 @@ def chunk_microbatches_in_flight(schedule: str, pp: int, stage: int, m: int, vpp
     if schedule == "interleaved":
         return min(m * vpp, (pp - stage - 1) * 2 + (vpp - 1) * pp + 1)
     return min(pp - stage, m)
+
+
+def first_chunk_microbatches_in_flight(schedule: str, pp: int, stage: int, m: int, vpp: int = 1) -> int:
+    """Micro-batches whose first-chunk (chunk 0) forward has run and whose chunk-0 backward has not, at most, on
+    stage `stage`: what holds the inputs of the first chunk (token ids, the embedding-dropout mask on stage 0).
+
+    `chunk_microbatches_in_flight` counts chunk forwards of any chunk at the first backward; under interleaving
+    the chunk-0 count peaks later and is not that count scaled by a chunk's share of the layers. Derived from the
+    compute orders of spec/schedules.py (Megatron-LM's forward_backward_pipelining_with_interleaving):
+    - forwards take chunks in groups of pp micro-batches, so among the first n forwards
+      (n // (pp·vpp))·pp + min(n % (pp·vpp), pp) are chunk-0 forwards (Megatron's get_model_chunk_id);
+    - backwards take the chunks in reverse order, so the first (vpp − 1)·pp backwards are of chunks > 0 and the
+      first chunk-0 backward is backward number (vpp − 1)·pp (0-based);
+    - after W warm-up forwards, forward W + k runs just before backward k, so that first chunk-0 backward follows
+      n = min(W + (vpp − 1)·pp + 1, m·vpp) forwards; the chunk-0 forwards among them are all alive there.
+    Later the count does not exceed that (each pp·vpp window of the steady state has pp chunk-0 forwards and pp
+    chunk-0 backwards); not proven here: tests/test_memory_interleaved_ids.py walks the stages' programs and
+    counts the live chunk-0 forwards for pp up to 6, vpp up to 4, m up to 5·pp.
+    AFAB holds all m; 1F1B (vpp = 1, W = min(pp − stage − 1, m)) gives min(pp − stage, m), as the chunk count.
+    """
+    if schedule == "afab":
+        return m
+    if schedule == "interleaved":
+        total = m * vpp
+        warmup = total if m == pp else min((pp - stage - 1) * 2 + (vpp - 1) * pp, total)
+    else:
+        vpp, total, warmup = 1, m, min(pp - stage - 1, m)
+    n = min(warmup + (vpp - 1) * pp + 1, total)
+    group = pp * vpp
+    return min(m, (n // group) * pp + min(n % group, pp))

@@ -32,7 +32,6 @@ against published measured peaks in benchmarks/memory_accuracy.py (results in do
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from loom.spec.compile import split_layers
@@ -41,7 +40,8 @@ from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
 from .activations import (DEFAULT, FP32, MASK_BYTES, TOKEN_ID_BYTES, ActivationAssumptions,
-                          chunk_microbatches_in_flight, layer_bytes, recompute_transient_bytes)
+                          chunk_microbatches_in_flight, first_chunk_microbatches_in_flight, layer_bytes,
+                          recompute_transient_bytes)
 
 MiB = 2**20
 GiB = 2**30
@@ -285,11 +285,13 @@ def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DE
     per_layer = layer_bytes(m, tokens, act, p.tp, p.sp, t.recompute, assumptions)
     activations = chunk_fwds * chunk_layers * per_layer
 
-    whole_mbs = math.ceil(in_flight) if layers else min(p.pp - stage, m_steps)
     embedding = 0.0
     if stage == 0:
-        # token ids, int64; with dropout the embedding-dropout mask (Korthikanti §4.3: sbh·p/t with SP)
-        embedding = whole_mbs * (TOKEN_ID_BYTES * tokens
+        # token ids, int64; with dropout the embedding-dropout mask (Korthikanti §4.3: sbh·p/t with SP): the first
+        # chunk's inputs, held from its forward to its backward, per micro-batch (interleaved: more than the
+        # chunk-forward count scaled to whole stages, e.g. 4 where ceil(2.5) = 3 on pp2 vpp2 m4)
+        ids_mbs = first_chunk_microbatches_in_flight(p.schedule, p.pp, stage, m_steps, p.vpp)
+        embedding = ids_mbs * (TOKEN_ID_BYTES * tokens
                                  + (MASK_BYTES * tokens * m.hidden / (p.tp if p.sp else 1)
                                     if assumptions.dropout else 0))
     logits = workspace = 0.0

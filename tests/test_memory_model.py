@@ -14,6 +14,7 @@ import pytest
 from loom.simulator.activations import ActivationAssumptions, chunk_microbatches_in_flight, layer_bytes
 from loom.simulator.memory import GiB, MemoryReport, memory_report
 from loom.spec import ModelSpec, load_spec, spec_from_dict
+from loom.spec.schedules import build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 KORTHIKANTI = ActivationAssumptions(flash_attention=False, dropout=True)
@@ -81,14 +82,17 @@ def megatron_theoretical(h, a, L, f, v, s, b, tp, pp, dp, vpp, m, untied):
         most_loaded += embedding / tp
     weights_and_optimizer = most_loaded * (6 + 12 / dp)       # distributed optimizer
     act = s * b * h * (18 + 4 * f / h) * L
-    act += 8 * s * b * pp + s * b * h * pp                     # token ids, embedding dropout mask
+    emb = 8 * s * b * pp + s * b * h * pp                      # token ids, embedding dropout mask
     if vpp > 1:
-        act *= 1 + (pp - 1) / (pp * vpp)
+        factor = 1 + (pp - 1) / (pp * vpp)
     elif pp > 1:
-        act *= min(1, m / pp)
+        factor = min(1, m / pp)
+    else:
+        factor = 1
+    act, emb = act * factor, emb * factor
     if pp == 1:
         act += s * b * h * 4 * (1 + v / h)
-    return weights_and_optimizer, act / tp
+    return weights_and_optimizer, act / tp, emb / tp
 
 
 @pytest.mark.parametrize("tp, pp, dp, vpp, m", [(8, 8, 4, 1, 16), (4, 4, 2, 1, 2), (8, 4, 2, 2, 8), (2, 2, 2, 3, 4)])
@@ -100,7 +104,7 @@ def test_first_stage_matches_megatron_theoretical_memory(tp, pp, dp, vpp, m):
                                      "schedule": "interleaved" if vpp > 1 else "1f1b", "vpp": vpp},
               {"global_batch": m * dp * b, "micro_batch": b, "recompute": "selective"})
     stage0 = memory_report(sp, KORTHIKANTI).per_stage[0]
-    weights, act = megatron_theoretical(h, a, L, 4 * h, v, s, b, tp, pp, dp, vpp, m, untied=True)
+    weights, act, emb = megatron_theoretical(h, a, L, 4 * h, v, s, b, tp, pp, dp, vpp, m, untied=True)
     # Two deliberate differences, accounted exactly: Megatron's formula divides the LayerNorms by tp (they are
     # replicated over TP ranks, as Loom counts them) and spreads the final LayerNorm over all stages (Loom: the
     # last stage holds it).
@@ -108,8 +112,20 @@ def test_first_stage_matches_megatron_theoretical_memory(tp, pp, dp, vpp, m):
     norms_on_stage = (L // pp) * 2 * (2 * h)
     adjusted = weights + per_param * (norms_on_stage * (1 - 1 / tp) - 2 * h / (pp * tp))
     assert stage0.model_states == pytest.approx(adjusted, rel=1e-9)
-    # activations match to 5e-4: Megatron also divides the int64 token ids by tp, Loom keeps them whole
-    assert stage0.activations + stage0.embedding_buffers == pytest.approx(act, rel=5e-4)
+    # the layers' activations match exactly
+    assert stage0.activations == pytest.approx(act, rel=1e-12)
+    # embedding buffers: Megatron charges the token ids and dropout mask of pp·factor micro-batches (its layers'
+    # factor) and divides the int64 ids by tp; Loom keeps the ids whole and counts the micro-batches whose
+    # chunk-0 forward is alive, walked from the stage's program (more than Megatron's under interleaving)
+    alive = peak = 0
+    for op in build_schedule(sp.plan.schedule, pp, m, vpp)[0]:
+        if op.kind in ("F", "B") and op.chunk == 0:
+            alive += 1 if op.kind == "F" else -1
+            peak = max(peak, alive)
+    assert stage0.embedding_buffers == peak * (8 * s * b + s * b * h / tp)
+    megatron_mbs = pp * (1 + (pp - 1) / (pp * vpp) if vpp > 1 else min(1, m / pp))
+    assert emb == pytest.approx(megatron_mbs * (8 * s * b + s * b * h) / tp)
+    assert peak >= megatron_mbs
 
 
 # ---- ZeRO bytes per parameter ----------------------------------------------------------------------------
