@@ -4,7 +4,8 @@ Model states follow the ZeRO paper (Rajbhandari et al. 2020, §3.1 and §5): mix
 bf16/fp16 parameters, a gradient buffer, and K = 12 bytes of optimizer state per parameter (fp32 master copy 4,
 momentum 4, variance 4). Gradients are 4 bytes when `training.grad_dtype = "fp32"` (Megatron-LM accumulates and
 reduces in fp32: its 18 bytes/param = 2 + 4 + 12, megatron/training/theoretical_memory_usage.py) and 2 bytes for
-"bf16". fp32 training keeps no master copy (params 4, grads 4, Adam 8). SGD (no momentum) keeps no moments.
+"bf16". fp32 training keeps no master copy (params 4, grads 4, Adam 8). SGD is momentum SGD: one fp32 momentum
+buffer, 4 bytes per parameter (torch.optim.SGD's momentum_buffer), sharded like Adam's moments.
 ZeRO stage 1 shards the optimizer state, stage 2 also the gradients, stage 3 also the parameters (ZeRO §5.1-5.3).
 Gradients under ZeRO-1 are the full buffer: the reduce-scatter writes into the buffer's own shard, which the
 optimizer reads (Megatron-LM's distributed optimizer, core/distributed/param_and_grad_buffer.py: one fp32 grad
@@ -120,9 +121,11 @@ def grad_bytes(spec: Spec) -> int:
 
 
 def optimizer_bytes(spec: Spec) -> int:
-    """ZeRO §3.1 'K': fp32 master copy (mixed precision only) + Adam's two fp32 moments."""
+    """ZeRO §3.1 'K': fp32 master copy (mixed precision only) + the optimizer's fp32 state: Adam's two moments
+    (8), or SGD's momentum buffer (4: torch.optim.SGD keeps state['momentum_buffer'] per parameter when momentum
+    != 0; Loom's "sgd" is momentum SGD, executor/optim.py, momentum 0.9)."""
     master = 0 if spec.training.precision == "fp32" else 4
-    moments = 0 if spec.training.optimizer == "sgd" else 8
+    moments = 4 if spec.training.optimizer == "sgd" else 8
     return master + moments
 
 
