@@ -18,11 +18,11 @@ checked in tests/test_search.py (within 5 % on the winners of a sample) and meas
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from loom.spec.compile import MAX_BUCKET_OPS, OPT_STATE_BYTES, _ring, _Shapes, split_layers
 from loom.spec.mesh import Mesh
+from loom.spec.units import chunk_units
 from loom.spec.plan import Op, OpKind
 
 from .costs import CostModel, exposed_overlap
@@ -79,9 +79,9 @@ def _op(kind: OpKind, **kw) -> Op:
 
 class _Unit:
     """Durations of one micro-batch through one chunk, and what the plan's tail needs."""
-    __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "x_wait", "g_unit",
-                 "g_wait", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
-                 "head_params", "root_params", "p2p", "last_light")
+    __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "g_unit", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
+                 "head_params", "root_params", "p2p", "last_light", "has_r", "x_r", "x_1", "x_2", "k",
+                 "t_root", "t_gl", "n", "n_ops", "t_last")
 
 
 def _durations(cost: CostModel):
@@ -104,6 +104,29 @@ def _durations(cost: CostModel):
             hit = table[key] = cost.duration(_op(kind, **kw))
         return hit
     return dur
+
+
+def _units(sh: _Shapes, p, layers: int, first: bool, last: bool) -> tuple[int, ...]:
+    """Elements of each DP unit of a chunk of `layers` layers (spec/units.py chunk_units, as _Shapes.dp_units),
+    memoized on what they depend on: the memoized _Shapes is shared by plans of other ZeRO stages and bucket
+    sizes, so its own dp_units cache (built for its first spec) cannot be used here."""
+    key = ("units", id(sh.model), sh.tp, p.sp, p.zero, p.bucket_MB, sh.gb, sh.dpcp, layers, first, last)
+    hit = _CTX.durations.get(key)
+    if hit is None:
+        hit = _CTX.durations[key] = tuple(x.numel for x in chunk_units(
+            sh.model, sh.tp, p.sp, p.zero, p.bucket_MB, sh.gb, sh.dpcp, range(layers), first, last))
+    return hit
+
+
+def _buckets_end(kf: float, s: float, t_b: float, t_all: float, t_last: float, j: int) -> float:
+    """End of j bucket ops on an in-order stream free at kf, op i released when (i+1)/j of a backward started at s
+    and lasting t_b is done (compile_dp._buckets' edges): the first j-1 take (t_all - t_last)/(j-1) each, the
+    last t_last. The queue's end is the latest of (release of op i + all ops from i on); with equal ops before
+    the last, that is op 0, op j-2 or op j-1."""
+    if j == 1:
+        return max(kf, s + t_b) + t_all
+    d = (t_all - t_last) / (j - 1)
+    return max(kf + t_all, s + t_b / j + t_all, s + t_b * (j - 1) / j + d + t_last, s + t_b + t_last)
 
 
 def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
@@ -169,50 +192,70 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     # the pipeline advances per unit (one micro-batch through one chunk) at the pace of the slower stream.
     gb, pb = sh.gb, sh.pb
     chunk_params = sh.chunk_params(lay, False, False)
-    x_f = x_b = x_wait = g_unit = g_wait = 0.0
+    x_f = x_b = g_unit = x_r = x_1 = x_2 = 0.0
+    steps = max(1, n * (p.cp - 1))
+    has_r = t.recompute != "none" and n > 0
     if p.cp > 1 and n:
         steps = n * (p.cp - 1)
         one = lambda count, msg=sh.kv_msg: dur(OpKind.CP_KV_EXCHANGE, group="cp",  # noqa: E731
                                                group_size=p.cp, count=count, msg_bytes=msg, wire_bytes=msg * count)
         # n·(cp − 1) K/V blocks per forward and recompute; the backward sends them again plus as many dK/dV (fp32)
-        x_f = one(steps)
-        x_b = one(steps) * (1 if t.recompute != "none" else 0) + one(steps) + one(steps, sh.dkv_msg)
-        x_wait = one(steps) / steps
-    zero3_once = 0.0
+        x_f = x_1 = one(steps)
+        x_r = x_f if has_r else 0.0
+        x_2 = one(steps, sh.dkv_msg)
+        x_b = x_r + x_1 + x_2
+    zero3_once = t_root = t_gl = 0.0
     dpcp = p.dp * p.cp                      # the gradient reduction / ZeRO group (compile_plan)
     if p.zero == 3 and dpcp > 1:
-        per = chunk_params * pb / max(n, 1)
-        t_g = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=max(n, 1), msg_bytes=per,
-                      wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, per) * max(n, 1))
-        if pp == 1:       # re-gathered before every forward and every backward (FSDP reshard_after_forward)
-            g_unit, g_wait = 2 * t_g, t_g / max(n, 1)
-        else:             # gathered once per chunk at its first forward; the first one cannot be prefetched
-            zero3_once = t_g
+        # compile_dp.zero3_gathers: the root unit (embedding, final norm, head; stage 0's: the embedding) and one
+        # call per layer, each unit padded to dp·cp. Without PP before every forward (root and layers) and again
+        # before every backward (layers); under PP once per chunk, at its first forward (zero3_once: stage 0's
+        # first chunk, whose gather cannot be prefetched)
+        G = OpKind.ZERO_ALLGATHER
+        root = sum(_units(sh, p, 0, True, pp == 1)) * pb
+        t_root = dur(G, group="dp", group_size=dpcp, count=1, msg_bytes=root, wire_bytes=_ring(G, dpcp, root))
+        if n:
+            per = _units(sh, p, 1, False, False)[0] * pb
+            t_gl = dur(G, group="dp", group_size=dpcp, count=n, msg_bytes=per, wire_bytes=_ring(G, dpcp, per) * n)
+        if pp == 1:
+            g_unit = t_root + 2 * t_gl
+        else:
+            zero3_once, t_root, t_gl = t_root + t_gl, 0.0, 0.0
 
     # DP: each chunk's buckets follow its last backward (ZeRO 0/1, ZeRO-3 under PP), or every backward (ZeRO-2,
     # ZeRO-3 without PP keep a gradient shard only, so each micro-batch's gradients are reduce-scattered); bucket-op k of n_ops may start once
     # (k+1)/n_ops of the backward is done, while the backward's own TP collectives follow it on compute.
     kind = OpKind.DP_ALLREDUCE if p.zero == 0 else OpKind.DP_REDUCESCATTER
-    bucket = p.bucket_MB * 2**20
 
-    def issue(params: float) -> tuple[float, float]:
-        """(comm time, part of it left after the producing backward and its TP collectives). Buckets split the
-        chunk evenly here; compile_plan uses the executor's units, padded to dp·cp (< dp·cp elements each)."""
+    def issue(layers: int, first: bool, last: bool) -> tuple[float, float, int, float]:
+        """(comm time, part of it left after the producing backward and its TP collectives, bucket ops, the last
+        op's time) of one chunk's buckets: the executor's units, each padded to dp·cp, grouped as
+        compile_dp._buckets groups them (the last op holds the embedding or the root unit, often the largest;
+        the others are taken as equal)."""
         if dpcp <= 1:
-            return 0.0, 0.0
-        total = params * gb
-        n_buckets = max(1, math.ceil(total / bucket))
-        n_ops = min(n_buckets, MAX_BUCKET_OPS)
-        t_all = dur(kind, group="dp", group_size=dpcp, count=n_buckets, msg_bytes=total / n_buckets,
+            return 0.0, 0.0, 1, 0.0
+        key = ("buckets", id(sh.model), sh.tp, p.sp, p.zero, p.bucket_MB, sh.gb, dpcp, cost._links["dp"], kind,
+               layers, first, last)
+        hit = _CTX.durations.get(key)
+        if hit is None:
+            units = _units(sh, p, layers, first, last)
+            n_buckets = len(units)
+            n_ops = min(n_buckets, MAX_BUCKET_OPS)
+            total = sum(units) * gb
+            t_all = dur(kind, group="dp", group_size=dpcp, count=n_buckets, msg_bytes=total / n_buckets,
                         wire_bytes=_ring(kind, dpcp, total / n_buckets) * n_buckets)
-        end = 0.0
-        for k in range(n_ops):
-            end = max(end, (k + 1) / n_ops * t_b) + t_all / n_ops
-        return t_all, max(0.0, end - t_b - tp_b)
+            c = n_buckets // n_ops                    # compile_dp._buckets: the last op's count
+            tail = sum(units[n_buckets - c:]) * gb / c
+            t_last = dur(kind, group="dp", group_size=dpcp, count=c, msg_bytes=tail,
+                         wire_bytes=_ring(kind, dpcp, tail) * c) if n_ops > 1 else t_all
+            hit = _CTX.durations[key] = (t_all, n_ops, t_last)
+        t_all, n_ops, t_last = hit
+        end = _buckets_end(0.0, 0.0, t_b, t_all, t_last, n_ops)
+        return t_all, max(0.0, end - t_b - tp_b), n_ops, t_last
 
     counts = [len(r) for r in split_layers(spec.model.layers, pp * v)] if p.uneven_split else [n]
-    first = issue(sh.chunk_params(range(counts[0]), True, pp == 1 and v == 1))   # stage 0, chunk 0: + embedding
-    rest = issue(chunk_params) if v > 1 else (0.0, 0.0)
+    first = issue(counts[0], True, pp == 1 and v == 1)      # stage 0, chunk 0: + embedding
+    rest = issue(n, False, False) if v > 1 else (0.0, 0.0, 1, 0.0)
     # compile_plan's per_micro_batch_reduction: ZeRO-2 always, ZeRO-3 without PP; under PP with tied embeddings
     # stage 0's first chunk (it holds the table) reduces once per step, after its last backward (the tail below)
     per_mb = p.zero == 2 or (p.zero == 3 and pp == 1)
@@ -221,8 +264,12 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
 
     u = _Unit()
     u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r = t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r
-    u.x_f, u.x_b, u.x_wait, u.g_unit, u.g_wait, u.zero3_once = x_f, x_b, x_wait, g_unit, g_wait, zero3_once
+    u.x_f, u.x_b, u.g_unit, u.zero3_once = x_f, x_b, g_unit, zero3_once
     u.first, u.rest, u.per_mb, u.d_unit = first, rest, per_mb, d_unit
+    u.has_r, u.x_r, u.x_1, u.x_2, u.k = has_r, x_r, x_1, x_2, steps
+    u.t_root, u.t_gl, u.n, u.n_ops = t_root, t_gl, max(n, 1), first[2]
+    # the buckets one unit issues under PP (ZeRO-2: d_unit, the chunks' mean): the last op's share as stage 0's
+    u.t_last = first[3] / first[0] * d_unit if first[0] else 0.0
     u.chunk_params = chunk_params
     u.emb_params = sh.chunk_params(range(0), True, False)
     u.head_params = sh.chunk_params(range(0), False, True)       # with tied embeddings: the last stage's copy
@@ -233,6 +280,125 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
         msg = sh.act_msg / (p.tp if p.sp else 1)
         u.p2p = dur(OpKind.PP_SEND_ACT, group="pp", group_size=pp, msg_bytes=msg, wire_bytes=msg)
     return u
+
+
+# ---- the two in-order streams of one stage, action by action --------------------------------------------------
+# compile_plan gives each rank class one compute stream (forward, recompute, backward and their TP collectives)
+# and one comm stream, in program order: [ZeRO-3 gathers (root, layers)] [K/V blocks] of a forward; [ZeRO-3
+# layer gathers] [recompute's K/V] [backward's K/V, dK/dV] [DP buckets] of a backward. The edges are the event
+# simulator's (engine.run): an op starts when its inputs allow, a compute op fed by k pipelined blocks (K/V: one
+# per layer and ring step; ZeRO-3: one per layer) starts after the first block and ends no sooner than 1/k of its
+# work after the last; bucket op j of n_ops starts once (j+1)/n_ops of its backward is done; a ZeRO-3 gather
+# starts no earlier than the previous forward/backward (prefetch one op ahead). These functions apply those
+# rules to one action's handful of ops: (cf, kf, ps) = when the compute stream is free, when the comm stream is
+# free, the start of the last forward/backward.
+_NEG = float("-inf")
+
+
+def _forward(u: _Unit, t_f: float, cf: float, kf: float, ps: float) -> tuple[float, float, float]:
+    s, floor = cf, _NEG
+    if u.t_gl:                                        # ZeRO-3 without PP: root, then the layers
+        g = (kf if kf > ps else ps) + u.t_root
+        kf = g + u.t_gl
+        s = max(s, g + u.t_gl / u.n)
+        floor = kf + t_f / u.n
+    if u.x_f:
+        s = max(s, kf + u.x_f / u.k)
+        kf += u.x_f
+        floor = max(floor, kf + t_f / u.k)
+    e = s + t_f
+    return (e if e > floor else floor) + u.tp_f, kf, s
+
+
+def _backward(u: _Unit, t_b: float, cf: float, kf: float, ps: float, ftail: float,
+              t_all: float, t_last: float) -> tuple[float, float, float]:
+    """`ftail`: the end of this micro-batch's forward (its K/V exchanges wait for it); `t_all`: the DP buckets it
+    issues (0 when this backward does not reduce), t_last its last op's."""
+    s, floor = (cf if cf > ftail else ftail), _NEG
+    g_end = 0.0
+    if u.t_gl:                                        # ZeRO-3 without PP: the layers again
+        g = kf if kf > ps else ps
+        kf = g_end = g + u.t_gl
+        s = max(s, g + u.t_gl / u.n)                 # into the first compute op: recompute, else backward
+    if u.has_r:
+        t_r = u.t_r
+        if u.t_gl:
+            floor = g_end + t_r / u.n
+        if u.x_r:
+            x0 = kf if kf > ftail else ftail
+            s = max(s, x0 + u.x_r / u.k)
+            kf = x0 + u.x_r
+            floor = max(floor, kf + t_r / u.k)
+        e = s + t_r
+        cf = (e if e > floor else floor) + u.tp_r
+        s, floor = cf, _NEG
+    elif u.t_gl:
+        floor = g_end + t_b / u.n
+    if u.x_1:
+        x0 = kf if kf > ftail else ftail
+        s = max(s, x0 + u.x_1 / u.k, x0 + u.x_1 + u.x_2 / u.k)
+        kf = x0 + u.x_1 + u.x_2
+        floor = max(floor, kf + t_b / u.k)
+    e = s + t_b
+    cf = (e if e > floor else floor) + u.tp_b
+    if t_all:
+        kf = _buckets_end(kf, s, t_b, t_all, t_last, u.n_ops)
+    return cf, kf, s
+
+
+def _repeat(step, state: tuple, count: int, exact: int = 3) -> tuple:
+    """`state` after `count` applications of `step`: the first `exact` run, the rest extrapolated at the last
+    one's increments (the streams' max-plus recurrence is periodic by then)."""
+    prev = state
+    for _ in range(min(count, exact)):
+        prev, state = state, step(state)
+    if count > exact:
+        state = tuple(a + (count - exact) * (a - b) for a, b in zip(state, prev))
+    return state
+
+
+def _single_stage(u: _Unit, afab: bool, m: int) -> tuple[float, float]:
+    """pp = 1: (end of the last backward with its TP collectives, end of the comm stream) of the whole step."""
+    t_f, t_b = u.t_f + u.t_head / 3, u.t_b + 2 * u.t_head / 3     # the head is in the same ops without PP
+    t_all, t_last = u.first[0], u.first[3]
+    every, every_last = (t_all, t_last) if u.per_mb else (0.0, 0.0)
+    if afab:
+        cf, kf, ps = _repeat(lambda x: _forward(u, t_f, *x), (0.0, 0.0, 0.0), m)
+        ftail = cf                                    # every forward's end is before the first backward starts
+        state = _repeat(lambda x: _backward(u, t_b, *x, ftail, every, every_last), (cf, kf, ps), m - 1)
+        cf, kf, _ = _backward(u, t_b, *state, ftail, t_all, t_last)
+        return cf, kf
+
+    def unit(x):
+        f = _forward(u, t_f, *x)
+        return _backward(u, t_b, *f, f[0], every, every_last)
+    state = _repeat(unit, (0.0, 0.0, 0.0), m - 1)
+    f = _forward(u, t_f, *state)
+    cf, kf, _ = _backward(u, t_b, *f, f[0], t_all, t_last)
+    return cf, kf
+
+
+def _period(u: _Unit, afab: bool, t_all: float, t_last: float) -> float:
+    """Under PP: the steady-state time per unit of one stage whose comm stream carries K/V blocks and per-micro-
+    batch buckets (`t_all`), as the eigenvalue of the streams' 2×2 max-plus recurrence (cf, kf) -> (cf', kf'):
+    max(a, d, (b + c)/2) (Baccelli et al. 1992, "Synchronization and Linearity", §3.2.4: the cycle mean of a
+    2-node graph), each entry read off one evaluation with the other stream at −∞. Without a path from the comm
+    stream into compute (b = −∞) the compute stream runs at its own pace a and the comm backlog shows at the end
+    of the step (comm_end). AFAB: a forward's period plus a backward's."""
+    def eig(step) -> float:
+        a, c = step(0.0, _NEG)
+        b, d = step(_NEG, 0.0)
+        if b == _NEG:
+            return a
+        return max(a, d, (b + c) / 2)
+
+    def pair(cf, kf):
+        f = _forward(u, u.t_f, cf, kf, _NEG)
+        return _backward(u, u.t_b, *f, f[0], t_all, t_last)[:2]
+    if afab:
+        return eig(lambda cf, kf: _forward(u, u.t_f, cf, kf, _NEG)[:2]) + \
+            eig(lambda cf, kf: _backward(u, u.t_b, cf, kf, _NEG, _NEG, t_all, t_last)[:2])
+    return eig(pair)
 
 
 def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
@@ -259,63 +425,42 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     n = -(-md.layers // (pp * v))
     u = _unit(spec, sh, cost, n, pp, v)
     t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r = u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r
-    x_f, x_b, x_wait, g_unit, g_wait, zero3_once = u.x_f, u.x_b, u.x_wait, u.g_unit, u.g_wait, u.zero3_once
+    x_f, x_b, g_unit, zero3_once = u.x_f, u.x_b, u.g_unit, u.zero3_once
     first, rest, per_mb, d_unit, p2p = u.first, u.rest, u.per_mb, u.d_unit, u.p2p
     gb, pb = sh.gb, sh.pb
 
-    # Per unit, forward part and backward part on each stream (the backward part carries the recompute and the
-    # DP buckets when they are per micro-batch; ZeRO-3 without PP gathers before each).
+    # Per unit, forward part and backward part on each stream (for the breakdown and the pipeline's lead)
     c_f = t_f + tp_f
     c_b = t_r + t_b + tp_r + tp_b
-    k_f = x_f + g_unit / 2
-    # per-micro-batch DP buckets pace every unit without PP; under PP (ZeRO-2) they run beside the other stages'
-    # work, so only the comm stream's total bounds the pipeline (below)
-    k_b = x_b + g_unit / 2 + (d_unit if pp == 1 else 0.0)
-    c_unit, k_unit = c_f + c_b, k_f + k_b
+    c_unit = c_f + c_b
     x_unit = x_f + x_b
+    k_unit = x_unit + g_unit + (d_unit if per_mb else 0.0)
     blocking = x_unit > 0 or g_unit > 0
-    wait = x_wait + g_wait
-    # With per-micro-batch DP buckets in the queue, the next op's gather / K/V exchange waits behind the last
-    # bucket, so it cannot be prefetched: the op waits for the bucket tail and the whole gather (with CP, whose
-    # first block is queued behind the gather) or its first layer (without). Under PP (ZeRO-2 with CP) this is not
-    # charged per unit (it overstates plans with few micro-batches); the comm stream's total bounds the step
-    # instead (comm_end), which understates ZeRO-2 + CP + PP with many micro-batches (~15 %, docs/measurements.md).
-    queued = 0.0
-    if blocking and per_mb and pp == 1:
-        queued = first[1] + (g_unit / 2 * (1.0 if x_unit > 0 else 1.0 / max(n, 1)) if g_unit else 0.0)
-    if blocking and p.schedule == "afab":       # all forwards, then all backwards: the streams pair up per phase
-        unit = max(c_f, k_f) + max(c_b + queued, k_b) + 2 * wait
-    elif blocking and g_unit:
-        # ZeRO-3 without PP, 1F1B: the queue per unit is [gather F, (K/V F), gather B, (K/V R, B), DP buckets];
-        # the forward starts after its gather's first layer (all of it when K/V blocks queue behind it), the
-        # recompute/backward once the second gather is in, then the buckets' tail delays the next gather.
-        t_g = g_unit / 2
-        f_ready = t_g + x_wait if x_unit else g_wait
-        b_ready = 2 * t_g + x_f + (x_wait if x_unit else t_r / max(n, 1))
-        unit = first[1] + max(f_ready + c_f + t_r, b_ready) + t_b + tp_r + tp_b
-        unit = max(unit, k_unit + wait)
-    elif blocking:
-        unit = max(c_unit + queued, k_unit) + wait
+    afab = p.schedule == "afab"
+    comm_end = 0.0
+    if pp == 1:
+        # one stage: its two streams action by action over the whole step (_single_stage)
+        t_pipe, k_end = _single_stage(u, afab, m)
+        head = m * t_head
+        unit = (t_pipe - head) / m
+        dp_exposed = max(0.0, k_end - t_pipe)
+        fill = unit
     else:
-        unit = c_unit
-
-    # ---- pipeline -----------------------------------------------------------------------------------------
-    units = m * v + pp - 1
-    # the last stage also runs the LM head (less one chunk's missing layers under an uneven split)
-    head = m * max(0.0, t_head - u.last_light * unit)
-    t_pipe = units * (unit + 2 * p2p) + head + zero3_once
-    lead = (m * v * c_f if p.schedule == "afab" else c_f) + (pp - 1) * (unit + 2 * p2p)
-    if per_mb and not blocking and pp == 1:
-        # the buckets run beside the compute from the first backward on; what does not fit shows
-        t_pipe = max(t_pipe, lead + m * d_unit)
-    # ZeRO-2 under PP: stage 0's buckets (and its backwards' K/V blocks, same stream) run from its first backward
-    # on (after the fill and, with afab, all forwards); the stream's end bounds the step (tail included)
-    comm_end = lead + m * v * (d_unit + x_b) if per_mb and pp > 1 else 0.0
-
-    # ---- the tail on stage 0 (the last to finish its backward) ---------------------------------------------
-    dp_exposed = first[1]
-    if v > 1 and not per_mb:   # the other chunks' buckets, issued during the drain
-        dp_exposed += (v - 1) * rest[1] if blocking else max(0.0, (v - 1) * rest[0] - (v - 1) * unit)
+        # ---- pipeline: steady-state unit of stage 0's streams (_period), fill and drain at the pace of a unit
+        # without DP buckets (none are queued yet in the fill; the drain's are the tail below)
+        unit = _period(u, afab, *((d_unit, u.t_last) if per_mb else (0.0, 0.0))) if blocking else c_unit
+        fill = _period(u, afab, 0.0, 0.0) if blocking and per_mb else unit
+        # the last stage also runs the LM head (less one chunk's missing layers under an uneven split)
+        head = m * max(0.0, t_head - u.last_light * unit)
+        t_pipe = pp * (fill + 2 * p2p) + (m * v - 1) * (unit + 2 * p2p) + head + zero3_once
+        lead = (m * v * c_f if afab else c_f) + (pp - 1) * (fill + 2 * p2p)
+        # ZeRO-2 under PP: stage 0's buckets (and its backwards' K/V blocks, same stream) run from its first
+        # backward on (after the fill and, with afab, all forwards); the stream's end bounds the step (tail included)
+        comm_end = lead + m * v * (d_unit + x_b) if per_mb else 0.0
+        # ---- the tail on stage 0 (the last to finish its backward)
+        dp_exposed = first[1]
+        if v > 1 and not per_mb:   # the other chunks' buckets, issued during the drain
+            dp_exposed += (v - 1) * rest[1] if blocking else max(0.0, (v - 1) * rest[0] - (v - 1) * unit)
 
     # ---- optimizer and the distributed optimizer's parameter gather ----------------------------------------
     # the busiest stage's parameters: v chunks plus the embedding (stage 0) or the head (last stage)
@@ -334,7 +479,7 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
         # faster than the gather): each stage's first forward grows by e, and the pipeline fill passes all pp
         # stages. Interleaved: every chunk's gather from the step's start, whole (Megatron's align_param_gather):
         # stage 0 waits for chunk 0's, and chunk c's is late if c gathers outlast c·pp forwards.
-        g_units = sh.dp_units(range(n), True, pp == 1 and v == 1)   # stage 0's first chunk, as compile_plan
+        g_units = _units(sh, p, n, True, pp == 1 and v == 1)   # stage 0's first chunk, as compile_plan
         k, msg = len(g_units), sum(g_units) * pb / len(g_units)
         g_c = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=k, msg_bytes=msg,
                   wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, msg) * k)
@@ -347,12 +492,12 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     if comm_end > t_pipe + dp_exposed:
         dp_exposed = comm_end - t_pipe
     step = t_pipe + dp_exposed + t_opt + zero12
-    stall = m * v * (unit - c_unit)                    # the comm stream holding compute back
-    share = (x_unit + x_wait) / (k_unit + x_wait + g_wait) if blocking else 0.0
+    stall = m * v * max(0.0, unit - c_unit)            # the comm stream holding compute back
+    share = x_unit / k_unit if blocking else 0.0
     return Breakdown(compute_s=m * v * (t_f + t_b) + m * t_head, recompute_s=m * v * t_r,
-                     bubble_s=(pp - 1) * (unit + 2 * p2p), pp_exposed_s=m * v * 2 * p2p,
+                     bubble_s=(pp - 1) * (fill + 2 * p2p), pp_exposed_s=m * v * 2 * p2p,
                      tp_exposed_s=m * v * (tp_f + tp_b + tp_r), cp_exposed_s=stall * share,
-                     dp_exposed_s=dp_exposed + max(0.0, t_pipe - units * (unit + 2 * p2p) - head - zero3_once),
+                     dp_exposed_s=dp_exposed,
                      zero_exposed_s=stall * (1 - share) + zero12 + zero3_once, optimizer_s=t_opt,
                      step_time_s=step)
 
