@@ -256,20 +256,28 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     counts = [len(r) for r in split_layers(spec.model.layers, pp * v)] if p.uneven_split else [n]
     first = issue(counts[0], True, pp == 1 and v == 1)      # stage 0, chunk 0: + embedding
     rest = issue(n, False, False) if v > 1 else (0.0, 0.0, 1, 0.0)
-    # compile_plan's per_micro_batch_reduction: ZeRO-2 always, ZeRO-3 without PP; under PP with tied embeddings
-    # stage 0's first chunk (it holds the table) reduces once per step, after its last backward (the tail below)
+    # compile_plan's per_micro_batch_reduction: ZeRO-2 always, ZeRO-3 without PP. d_unit: the buckets one unit
+    # issues on the stage that issues the most (its comm stream paces the pipeline); bucket ops and last op as
+    # that stage's. Under PP with tied embeddings the chunks holding the table (first and last virtual stage)
+    # reduce once per step, after their last backward (the tail below): a middle stage's chunks (pp > 2), or
+    # stage 0's other v - 1 chunks (pp = 2), set the pace.
     per_mb = p.zero == 2 or (p.zero == 3 and pp == 1)
-    tied_once = per_mb and pp > 1 and spec.model.tied_embeddings
-    d_unit = ((0.0 if tied_once else first[0]) + (v - 1) * rest[0]) / v if per_mb else 0.0
+    pace = first
+    d_unit = first[0] if per_mb else 0.0
+    if per_mb and pp > 1:
+        mid = rest if v > 1 else issue(n, False, False)
+        if spec.model.tied_embeddings:
+            pace, d_unit = mid, mid[0] * ((v - 1) / v if pp == 2 else 1.0)
+        else:
+            d_unit = (first[0] + (v - 1) * mid[0]) / v
 
     u = _Unit()
     u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r = t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r
     u.x_f, u.x_b, u.g_unit, u.zero3_once = x_f, x_b, g_unit, zero3_once
     u.first, u.rest, u.per_mb, u.d_unit = first, rest, per_mb, d_unit
     u.has_r, u.x_r, u.x_1, u.x_2, u.k = has_r, x_r, x_1, x_2, steps
-    u.t_root, u.t_gl, u.n, u.n_ops = t_root, t_gl, max(n, 1), first[2]
-    # the buckets one unit issues under PP (ZeRO-2: d_unit, the chunks' mean): the last op's share as stage 0's
-    u.t_last = first[3] / first[0] * d_unit if first[0] else 0.0
+    u.t_root, u.t_gl, u.n, u.n_ops = t_root, t_gl, max(n, 1), pace[2]
+    u.t_last = pace[3] / pace[0] * d_unit if pace[0] else 0.0
     u.chunk_params = chunk_params
     u.emb_params = sh.chunk_params(range(0), True, False)
     u.head_params = sh.chunk_params(range(0), False, True)       # with tied embeddings: the last stage's copy
@@ -347,11 +355,11 @@ def _backward(u: _Unit, t_b: float, cf: float, kf: float, ps: float, ftail: floa
 
 
 def _repeat(step, state: tuple, count: int, exact: int = 3) -> tuple:
-    """`state` after `count` applications of `step`: the first `exact` run, the rest extrapolated at the last
-    one's increments (the streams' max-plus recurrence is periodic by then)."""
+    """`state` after `count` applications of `step(state, i)`: the first `exact` run, the rest extrapolated at the
+    last one's increments (the streams' max-plus recurrence is periodic by then)."""
     prev = state
-    for _ in range(min(count, exact)):
-        prev, state = state, step(state)
+    for i in range(min(count, exact)):
+        prev, state = state, step(state, i)
     if count > exact:
         state = tuple(a + (count - exact) * (a - b) for a, b in zip(state, prev))
     return state
@@ -363,13 +371,17 @@ def _single_stage(u: _Unit, afab: bool, m: int) -> tuple[float, float]:
     t_all, t_last = u.first[0], u.first[3]
     every, every_last = (t_all, t_last) if u.per_mb else (0.0, 0.0)
     if afab:
-        cf, kf, ps = _repeat(lambda x: _forward(u, t_f, *x), (0.0, 0.0, 0.0), m)
-        ftail = cf                                    # every forward's end is before the first backward starts
-        state = _repeat(lambda x: _backward(u, t_b, *x, ftail, every, every_last), (cf, kf, ps), m - 1)
-        cf, kf, _ = _backward(u, t_b, *state, ftail, t_all, t_last)
+        tails = []                                    # forward i's end: backward i's K/V exchanges wait for it
+
+        def fwd(x, i):
+            tails.append(_forward(u, t_f, *x))
+            return tails[-1]
+        cf, kf, ps = _repeat(fwd, (0.0, 0.0, 0.0), m)
+        state = _repeat(lambda x, i: _backward(u, t_b, *x, tails[i][0], every, every_last), (cf, kf, ps), m - 1)
+        cf, kf, _ = _backward(u, t_b, *state, cf, t_all, t_last)
         return cf, kf
 
-    def unit(x):
+    def unit(x, i):
         f = _forward(u, t_f, *x)
         return _backward(u, t_b, *f, f[0], every, every_last)
     state = _repeat(unit, (0.0, 0.0, 0.0), m - 1)
@@ -470,9 +482,13 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     t_opt = dur(OpKind.OPTIMIZER, mem_bytes=stage_params / shard * (OPT_STATE_BYTES[t.optimizer] + gb))
     zero12 = 0.0
     if p.zero in (1, 2) and dpcp > 1 and not p.overlap_param_gather:
-        msg = stage_params * pb / v
-        zero12 = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=v, msg_bytes=msg,
-                         wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, msg) * v)
+        # compile_dp._optimizer: one call per padded unit of every chunk of the stage (stage 0 here)
+        u0 = _units(sh, p, n, True, pp == 1 and v == 1)
+        um = _units(sh, p, n, False, False) if v > 1 else ()
+        k = len(u0) + (v - 1) * len(um)
+        msg = (sum(u0) + (v - 1) * sum(um)) * pb / k
+        zero12 = dur(OpKind.ZERO_ALLGATHER, group="dp", group_size=dpcp, count=k, msg_bytes=msg,
+                     wire_bytes=_ring(OpKind.ZERO_ALLGATHER, dpcp, msg) * k)
     elif p.zero in (1, 2) and dpcp > 1:
         # overlap_param_gather (compile_plan): each chunk's units gathered before its first forward. Without
         # interleaving bucket by bucket from when the forward could start (first unit exposed, the forward no
