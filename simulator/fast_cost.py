@@ -81,7 +81,7 @@ class _Unit:
     """Durations of one micro-batch through one chunk, and what the plan's tail needs."""
     __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "g_unit", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
                  "head_params", "root_params", "p2p", "last_light", "has_r", "x_r", "x_1", "x_2", "k",
-                 "t_root", "t_gl", "n", "n_ops", "t_last")
+                 "t_root", "t_gl", "n", "pace", "last_b")
 
 
 def _durations(cost: CostModel):
@@ -262,22 +262,30 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     # reduce once per step, after their last backward (the tail below): a middle stage's chunks (pp > 2), or
     # stage 0's other v - 1 chunks (pp = 2), set the pace.
     per_mb = p.zero == 2 or (p.zero == 3 and pp == 1)
-    pace = first
-    d_unit = first[0] if per_mb else 0.0
+    none = (0.0, 0.0, 1)
+    pace = last_b = (first[0], first[3], first[2]) if per_mb else none
     if per_mb and pp > 1:
+        # (t_all, t_last, n_ops) per unit: a stage's chunks in turn, the last op's share as the chunk holding the
+        # embedding's (stage 0) or the head's (last stage), whose buckets the largest unit closes or opens
         mid = rest if v > 1 else issue(n, False, False)
+        end = issue(counts[-1], False, True)
         if spec.model.tied_embeddings:
-            pace, d_unit = mid, mid[0] * ((v - 1) / v if pp == 2 else 1.0)
+            w = (v - 1) / v
+            pace = (mid[0] * (w if pp == 2 else 1.0), mid[3] * (w if pp == 2 else 1.0), mid[2])
+            last_b = (mid[0] * w, mid[3] * w, mid[2])
         else:
-            d_unit = (first[0] + (v - 1) * mid[0]) / v
+            def avg(c):
+                d = (c[0] + (v - 1) * mid[0]) / v
+                return d, c[3] / c[0] * d if c[0] else 0.0, c[2]
+            pace, last_b = avg(first), avg(end)
+    d_unit = pace[0]
 
     u = _Unit()
     u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r = t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r
     u.x_f, u.x_b, u.g_unit, u.zero3_once = x_f, x_b, g_unit, zero3_once
     u.first, u.rest, u.per_mb, u.d_unit = first, rest, per_mb, d_unit
     u.has_r, u.x_r, u.x_1, u.x_2, u.k = has_r, x_r, x_1, x_2, steps
-    u.t_root, u.t_gl, u.n, u.n_ops = t_root, t_gl, max(n, 1), pace[2]
-    u.t_last = pace[3] / pace[0] * d_unit if pace[0] else 0.0
+    u.t_root, u.t_gl, u.n, u.pace, u.last_b = t_root, t_gl, max(n, 1), pace, last_b
     u.chunk_params = chunk_params
     u.emb_params = sh.chunk_params(range(0), True, False)
     u.head_params = sh.chunk_params(range(0), False, True)       # with tied embeddings: the last stage's copy
@@ -319,9 +327,9 @@ def _forward(u: _Unit, t_f: float, cf: float, kf: float, ps: float) -> tuple[flo
 
 
 def _backward(u: _Unit, t_b: float, cf: float, kf: float, ps: float, ftail: float,
-              t_all: float, t_last: float) -> tuple[float, float, float]:
-    """`ftail`: the end of this micro-batch's forward (its K/V exchanges wait for it); `t_all`: the DP buckets it
-    issues (0 when this backward does not reduce), t_last its last op's."""
+              bk: tuple[float, float, int] | None) -> tuple[float, float, float]:
+    """`ftail`: the end of this micro-batch's forward (its K/V exchanges wait for it); `bk`: the DP buckets it
+    issues as (t_all, t_last, n_ops), None when this backward does not reduce."""
     s, floor = (cf if cf > ftail else ftail), _NEG
     g_end = 0.0
     if u.t_gl:                                        # ZeRO-3 without PP: the layers again
@@ -349,8 +357,8 @@ def _backward(u: _Unit, t_b: float, cf: float, kf: float, ps: float, ftail: floa
         floor = max(floor, kf + t_b / u.k)
     e = s + t_b
     cf = (e if e > floor else floor) + u.tp_b
-    if t_all:
-        kf = _buckets_end(kf, s, t_b, t_all, t_last, u.n_ops)
+    if bk is not None and bk[0]:
+        kf = _buckets_end(kf, s, t_b, bk[0], bk[1], bk[2])
     return cf, kf, s
 
 
@@ -368,8 +376,8 @@ def _repeat(step, state: tuple, count: int, exact: int = 3) -> tuple:
 def _single_stage(u: _Unit, afab: bool, m: int) -> tuple[float, float]:
     """pp = 1: (end of the last backward with its TP collectives, end of the comm stream) of the whole step."""
     t_f, t_b = u.t_f + u.t_head / 3, u.t_b + 2 * u.t_head / 3     # the head is in the same ops without PP
-    t_all, t_last = u.first[0], u.first[3]
-    every, every_last = (t_all, t_last) if u.per_mb else (0.0, 0.0)
+    last = (u.first[0], u.first[3], u.first[2])
+    every = last if u.per_mb else None
     if afab:
         tails = []                                    # forward i's end: backward i's K/V exchanges wait for it
 
@@ -377,26 +385,29 @@ def _single_stage(u: _Unit, afab: bool, m: int) -> tuple[float, float]:
             tails.append(_forward(u, t_f, *x))
             return tails[-1]
         cf, kf, ps = _repeat(fwd, (0.0, 0.0, 0.0), m)
-        state = _repeat(lambda x, i: _backward(u, t_b, *x, tails[i][0], every, every_last), (cf, kf, ps), m - 1)
-        cf, kf, _ = _backward(u, t_b, *state, cf, t_all, t_last)
+        state = _repeat(lambda x, i: _backward(u, t_b, *x, tails[i][0], every), (cf, kf, ps), m - 1)
+        cf, kf, _ = _backward(u, t_b, *state, cf, last)
         return cf, kf
 
     def unit(x, i):
         f = _forward(u, t_f, *x)
-        return _backward(u, t_b, *f, f[0], every, every_last)
+        return _backward(u, t_b, *f, f[0], every)
     state = _repeat(unit, (0.0, 0.0, 0.0), m - 1)
     f = _forward(u, t_f, *state)
-    cf, kf, _ = _backward(u, t_b, *f, f[0], t_all, t_last)
+    cf, kf, _ = _backward(u, t_b, *f, f[0], last)
     return cf, kf
 
 
-def _period(u: _Unit, afab: bool, t_all: float, t_last: float) -> float:
+def _period(u: _Unit, afab: bool, bk: tuple[float, float, int] | None, head: float = 0.0) -> float:
     """Under PP: the steady-state time per unit of one stage whose comm stream carries K/V blocks and per-micro-
-    batch buckets (`t_all`), as the eigenvalue of the streams' 2×2 max-plus recurrence (cf, kf) -> (cf', kf'):
-    max(a, d, (b + c)/2) (Baccelli et al. 1992, "Synchronization and Linearity", §3.2.4: the cycle mean of a
+    batch buckets (`bk`: t_all, t_last, n_ops), as the eigenvalue of the streams' 2×2 max-plus recurrence
+    (cf, kf) -> (cf', kf'): max(a, d, (b + c)/2) (Baccelli et al. 1992, "Synchronization and Linearity", §3.2.4: the cycle mean of a
     2-node graph), each entry read off one evaluation with the other stream at −∞. Without a path from the comm
     stream into compute (b = −∞) the compute stream runs at its own pace a and the comm backlog shows at the end
-    of the step (comm_end). AFAB: a forward's period plus a backward's."""
+    of the step (comm_end). AFAB: a forward's period plus a backward's. `head`: the LM head's work (forward and
+    backward, 1:2) in the unit, as on the last stage."""
+    t_f, t_b = u.t_f + head / 3, u.t_b + 2 * head / 3
+
     def eig(step) -> float:
         a, c = step(0.0, _NEG)
         b, d = step(_NEG, 0.0)
@@ -405,11 +416,11 @@ def _period(u: _Unit, afab: bool, t_all: float, t_last: float) -> float:
         return max(a, d, (b + c) / 2)
 
     def pair(cf, kf):
-        f = _forward(u, u.t_f, cf, kf, _NEG)
-        return _backward(u, u.t_b, *f, f[0], t_all, t_last)[:2]
+        f = _forward(u, t_f, cf, kf, _NEG)
+        return _backward(u, t_b, *f, f[0], bk)[:2]
     if afab:
-        return eig(lambda cf, kf: _forward(u, u.t_f, cf, kf, _NEG)[:2]) + \
-            eig(lambda cf, kf: _backward(u, u.t_b, cf, kf, _NEG, _NEG, t_all, t_last)[:2])
+        return eig(lambda cf, kf: _forward(u, t_f, cf, kf, _NEG)[:2]) + \
+            eig(lambda cf, kf: _backward(u, t_b, cf, kf, _NEG, _NEG, bk)[:2])
     return eig(pair)
 
 
@@ -458,12 +469,20 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
         dp_exposed = max(0.0, k_end - t_pipe)
         fill = unit
     else:
-        # ---- pipeline: steady-state unit of stage 0's streams (_period), fill and drain at the pace of a unit
-        # without DP buckets (none are queued yet in the fill; the drain's are the tail below)
-        unit = _period(u, afab, *((d_unit, u.t_last) if per_mb else (0.0, 0.0))) if blocking else c_unit
-        fill = _period(u, afab, 0.0, 0.0) if blocking and per_mb else unit
-        # the last stage also runs the LM head (less one chunk's missing layers under an uneven split)
-        head = m * max(0.0, t_head - u.last_light * unit)
+        # ---- pipeline. unit: the steady-state time per unit of stage 0's streams (_period; with tied embeddings
+        # and ZeRO-2 a middle stage's buckets); the fill and drain pass every stage once at the pace of a unit
+        # without queued buckets, and the last unit (no later unit waits for its buckets: they are the tail below).
+        # The last stage adds the LM head: per micro-batch what its unit with the head (and its own buckets) takes
+        # beyond the unit, where the comm stream paces both part of the head hides (less one chunk's missing layers
+        # under an uneven split); the last micro-batch's head in full.
+        bk = u.pace if per_mb else None
+        unit = _period(u, afab, bk) if blocking else c_unit
+        fill = _period(u, afab, None) if blocking and per_mb else unit
+        extra = t_head
+        if blocking and t_head:
+            extra = _period(u, afab, u.last_b if per_mb else None, t_head) - unit
+        light = u.last_light * unit
+        head = (m - 1) * max(0.0, extra - light) + max(0.0, t_head - light)
         t_pipe = pp * (fill + 2 * p2p) + (m * v - 1) * (unit + 2 * p2p) + head + zero3_once
         lead = (m * v * c_f if afab else c_f) + (pp - 1) * (fill + 2 * p2p)
         # ZeRO-2 under PP: stage 0's buckets (and its backwards' K/V blocks, same stream) run from its first
