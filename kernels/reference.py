@@ -6,6 +6,7 @@ reference), casting results back to the input dtype like the kernels do.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,18 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _without_autocast(fn):
+    """Attention computes in its accumulation dtype, as the kernels do: under autocast (the executor runs bf16
+    autocast on CPU too) the upcast operands of its matmuls would be cast back to bf16, giving bf16 scores and a
+    bf16 lse where FlashAttention keeps fp32."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return run
+
+
+@_without_autocast
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                         causal_offset: int = 0, softmax_scale: float | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +56,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return out.reshape(b, h, sq, d).to(q.dtype), lse.reshape(b, h, sq)
 
 
+@_without_autocast
 def attention_backward_reference(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  out: torch.Tensor, lse: torch.Tensor, causal: bool = True,
                                  causal_offset: int = 0, softmax_scale: float | None = None,
