@@ -25,13 +25,17 @@ parameter sizes that do not divide dp are handled. Rank r of the DP group owns s
   layer i's gather is done, layer i+1's (forward) or i-1's (backward) is issued asynchronously, so it travels
   while layer i computes (FSDP's forward_prefetch / BACKWARD_PRE; the plan's one-op-ahead gather edge); at most
   one unit beyond the one in use is in flight or gathered early.
-Parameter precision (`param_dtype`, the training precision): with ZeRO >= 1 over more than one rank in bf16/fp16
-the gathers move bf16/fp16 values (the plan's parameter bytes; Megatron-LM's distributed optimizer gathers its
-bf16 parameters): each rank keeps its fp32 master shard apart and the parameter buffer holds the rounded values
-of every shard, its own included, from the start, so every replica computes with the same weights. The matmul
-weights and the embedding give bit-identical forwards (autocast, and model.amp_cast at the embedding output,
-round them to the same values anyway); the norms, row-parallel biases and learned positions see the rounded
-values, as Megatron's bf16 parameters are. ZeRO-0 keeps fp32 parameters, which are the master (no extra copy).
+Parameter precision (`param_dtype`, the training precision; Megatron-LM's mixed-precision layout): the model's
+parameters are views of the unit's flat buffer in that dtype (bf16/fp16: 2 bytes each, so the linears read them
+directly: autocast makes no weight copies to save for the backward), and the optimizer updates an fp32 master of
+what this rank owns (`shard_param`: the whole unit under ZeRO-0 or on one rank, its shard under ZeRO >= 1), held
+apart from the parameters (Megatron's Float16Module + its optimizer's fp32 main params; ZeRO §3.1's K = 12 bytes
+of master, momentum and variance). After each step the masters are rounded into the parameters: a local copy
+(`refresh_params`: ZeRO-0, one rank, ZeRO-3's persistent low-precision shard) or the ZeRO-1/2 all-gather of the
+rounded shards (`gather_params`, the plan's zero_allgather: Megatron's distributed optimizer gathers its bf16
+parameters). ZeRO-3 keeps this rank's shard in the parameter dtype beside the fp32 master and gathers it
+(DeepSpeed ZeRO-3's fp16/bf16 partitions). In fp32 the parameters are the masters (no extra copy). Gradients
+arrive in the parameter dtype (autograd's) and accumulate into `grad_dtype` buffers (Megatron's main_grad).
 Gradient accumulation: zero 0-1 communicate only after the last micro-batch (DDP's no_sync()); zero 2-3 after
 each, accumulating into the reduced shard - unless `every_micro_batch=False`: then they accumulate full gradients
 and reduce once, after the last micro-batch, and zero 3 keeps each unit gathered from its first forward until
@@ -55,9 +59,11 @@ class Unit:
     params: list[nn.Parameter]
     offsets: list[int]
     numel: int                          # padded to a multiple of dp
-    flat: torch.Tensor                  # full parameters (views of it are the model's parameters)
-    grad: torch.Tensor                  # full gradient accumulator
-    shard_param: torch.Tensor           # this rank's shard: a view of flat (zero <= 2) or its own tensor (zero 3)
+    flat: torch.Tensor                  # full parameters in param_dtype (views of it are the model's parameters)
+    grad: torch.Tensor                  # full gradient accumulator (grad_dtype)
+    shard_param: torch.Tensor           # the fp32 master the optimizer updates: this rank's shard (zero >= 1) or
+                                        # the whole unit; fp32 training: a view of flat (zero <= 2), zero 3 its own
+    shard_lowp: torch.Tensor | None     # zero 3, low precision, >1 rank: this rank's shard in param_dtype (gathered)
     shard_grad: torch.Tensor | None     # zero >= 1: the reduced shard (zero 1: a view of grad; 2, 3: its own)
     decay: torch.Tensor                 # bool mask over this rank's shard: weight decay applies
     count: torch.Tensor                 # bool mask over this rank's shard: counted in the global grad norm
@@ -67,7 +73,7 @@ class Unit:
     gathered: bool = True
     in_backward: bool = False
     pending: list = field(default_factory=list)
-    inflight: tuple | None = None       # zero 3: an issued, not yet waited parameter gather (work, buffers)
+    inflight: object | None = None      # zero 3: an issued, not yet waited parameter gather (its work)
     sp_params: list[tuple[int, int]] = field(default_factory=list)   # (offset, numel) of grads to sum over TP
 
 
@@ -94,9 +100,8 @@ class DataParallel:
         # lands and freed after its reduction; only the shard accumulator persists
         self.transient_grads = zero >= 2 and dp.active
         self.grad_dtype = grad_dtype
-        # the dtype the parameter gathers move: the training precision when ZeRO shards the parameters' updates
-        self.gather_dtype = param_dtype if zero >= 1 and dp.active else torch.float32
-        self.lowp = self.gather_dtype != torch.float32
+        self.param_dtype = param_dtype                  # the model's parameters, and what ZeRO gathers move
+        self.lowp = param_dtype != torch.float32         # the fp32 masters are then held apart
         self.prefetch = prefetch
         self.sync_now = True
         params = list(dict.fromkeys(model.parameters()))
@@ -141,27 +146,33 @@ class DataParallel:
         n, dp = sum(p.numel() for p in params), self.dp.size
         padded = -(-n // dp) * dp
         dev = params[0].device
-        flat = torch.zeros(padded, dtype=torch.float32, device=dev)
+        full = torch.zeros(padded, dtype=torch.float32, device=dev)     # the initial values, fp32
         decay = torch.zeros(padded, dtype=torch.bool, device=dev)
         count = torch.zeros(padded, dtype=torch.bool, device=dev)
         offsets, off, sp = [], 0, []
         for p in params:
             k = p.numel()
-            flat[off:off + k].copy_(p.detach().reshape(-1))
+            full[off:off + k].copy_(p.detach().reshape(-1))
             decay[off:off + k] = getattr(p, "loom_decay", True) and p.dim() >= 2
             # Replicated over TP: count once, on TP rank 0 (Megatron's param_is_not_tensor_parallel_duplicate).
             count[off:off + k] = getattr(p, "loom_tp_split", False) or self.tp.rank == 0
             if getattr(p, "loom_sp_grad", False):
                 sp.append((off, k))
-            p.data = flat[off:off + k].view_as(p)
             offsets.append(off)
             off += k
         per = padded // dp
-        mine = slice(self.dp.rank * per, (self.dp.rank + 1) * per)
-        # its own tensor when the buffer is released (zero 3) or holds rounded values (low-precision gathers)
-        shard_param = flat[mine].clone() if (self.zero == 3 or self.lowp) and self.dp.active else flat[mine]
-        if self.lowp:
-            flat.copy_(flat.to(self.gather_dtype))      # parameters = rounded master, as after every gather
+        sharded = self.zero >= 1 and self.dp.active
+        mine = slice(self.dp.rank * per, (self.dp.rank + 1) * per) if sharded else slice(0, padded)
+        if self.lowp:                                   # fp32 master of what this rank updates, apart
+            master = full[mine].clone() if sharded else full
+            flat = full.to(self.param_dtype)            # the parameters: the rounded master
+        else:                                           # fp32: the parameters are the master
+            flat = full
+            master = flat[mine].clone() if self.zero == 3 and sharded else flat[mine]
+        del full
+        for p, o in zip(params, offsets):
+            p.data = flat[o:o + p.numel()].view_as(p)
+        shard_lowp = flat[mine].clone() if self.lowp and self.zero == 3 and sharded else None
         grad = torch.zeros(padded, dtype=self.grad_dtype, device=dev)
         if self.zero == 0:
             shard_grad = None
@@ -169,9 +180,10 @@ class DataParallel:
             shard_grad = torch.zeros(per, dtype=self.grad_dtype, device=dev)
             _free(grad)
         else:                                           # zero 1 (or one rank): reduced in place, a view
-            shard_grad = grad[mine]
-        return Unit(params, offsets, padded, flat, grad, shard_param, shard_grad, decay[mine].clone(),
-                    count[mine].clone(), index, sp_params=sp)
+            shard_grad = grad[self.dp.rank * per:(self.dp.rank + 1) * per]
+        return Unit(params, offsets, padded, flat, grad, master, shard_lowp, shard_grad,
+                    decay[self.dp.rank * per:(self.dp.rank + 1) * per].clone(),
+                    count[self.dp.rank * per:(self.dp.rank + 1) * per].clone(), index, sp_params=sp)
 
     # ---- zero 3 parameter gathering ----------------------------------------------------------------------
     def _issue(self, u: Unit) -> None:
@@ -179,12 +191,8 @@ class DataParallel:
         _alloc(u.flat)
         tag = comm.LOG.tag
         comm.LOG.tag = f"{tag}>zero_allgather:u{u.index}"
-        if self.lowp:                                   # gather the rounded shards, widen into the fp32 buffer
-            src = u.shard_param.to(self.gather_dtype)
-            buf = torch.empty(u.numel, dtype=self.gather_dtype, device=u.flat.device)
-            u.inflight = (comm.all_gather(buf, src, self.dp, async_op=True), src, buf)
-        else:
-            u.inflight = (comm.all_gather(u.flat, u.shard_param, self.dp, async_op=True), None, None)
+        src = u.shard_lowp if u.shard_lowp is not None else u.shard_param      # the parameter dtype's shard
+        u.inflight = comm.all_gather(u.flat, src, self.dp, async_op=True)
         comm.LOG.tag = tag
 
     def _gather(self, u: Unit) -> None:
@@ -192,10 +200,7 @@ class DataParallel:
             return
         if u.inflight is None:
             self._issue(u)
-        work, _, buf = u.inflight
-        work.wait()
-        if buf is not None:
-            u.flat.copy_(buf)
+        u.inflight.wait()
         u.inflight = None
         u.gathered = True
 
@@ -334,7 +339,8 @@ class DataParallel:
         return [x if x.dtype == torch.float32 else x.float() for x in g]
 
     def param_shards(self) -> list[torch.Tensor]:
-        return [u.shard_param if self.zero >= 1 else u.flat for u in self.units]
+        """The fp32 masters the optimizer updates, aligned with grad_shards()."""
+        return [u.shard_param for u in self.units]
 
     def masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(decay, count) masks aligned with param_shards()."""
@@ -361,16 +367,24 @@ class DataParallel:
         """Groups over which squared-gradient sums add up to the global norm: TP always; DP when sharded."""
         return [self.tp] + ([self.dp] if self.zero >= 1 else [])
 
+    def refresh_params(self) -> None:
+        """After the optimizer step: round the updated fp32 masters into the parameters where no collective is
+        needed (zero 0 and any stage on one rank: the whole unit; zero 3: the persistent low-precision shard its
+        gathers read). Nothing to do in fp32, where the parameters are the masters."""
+        if not self.lowp:
+            return
+        for u in self.units:
+            if u.shard_lowp is not None:
+                u.shard_lowp.copy_(u.shard_param)
+            elif self.zero == 0 or not self.dp.active:
+                u.flat.copy_(u.shard_param)
+
     def gather_params(self) -> None:
-        """After the optimizer step (zero 1, 2): every rank gets the updated full parameters."""
+        """After the optimizer step (zero 1, 2 over >1 rank): every rank gets the updated full parameters, in the
+        parameter dtype (bf16/fp16: the rounded masters, the plan's 2 bytes per element on the wire)."""
         if self.zero in (1, 2) and self.dp.active:
             for u in self.units:
                 tag = comm.LOG.tag
                 comm.LOG.tag = f"{tag}>zero_allgather:u{u.index}"
-                if self.lowp:                               # the rounded shards (param_dtype bytes on the wire)
-                    buf = torch.empty(u.numel, dtype=self.gather_dtype, device=u.flat.device)
-                    comm.all_gather(buf, u.shard_param.to(self.gather_dtype), self.dp)
-                    u.flat.copy_(buf)
-                else:
-                    comm.all_gather(u.flat, u.shard_param.clone(), self.dp)
+                comm.all_gather(u.flat, u.shard_param.to(self.param_dtype, copy=True), self.dp)
                 comm.LOG.tag = tag

@@ -23,9 +23,12 @@ def state_bytes(dps: list, opt) -> dict[str, int]:
     """Parameter, gradient and optimizer-state bytes of this rank (each storage once)."""
     seen: set = set()
     units = [u for dp in dps for u in dp.units]
-    params = _bytes([u.flat for u in units] + [u.shard_param for u in units], seen)
+    # the fp32 masters are the parameters in fp32 training, optimizer state under bf16/fp16 (ZeRO §3.1's K)
+    lowp = [u.flat.dtype != torch.float32 for u in units]
+    params = _bytes([u.flat for u in units] + [u.shard_lowp for u in units]
+                    + [u.shard_param for u, low in zip(units, lowp) if not low], seen)
     grads = _bytes([u.grad for u in units] + [u.shard_grad for u in units], seen)
-    optim = _bytes(list(opt.m) + list(opt.v), seen)
+    optim = _bytes([u.shard_param for u, low in zip(units, lowp) if low] + list(opt.m) + list(opt.v), seen)
     elements = sum(p.numel() for u in units for p in u.params)
     padded = sum(u.numel for u in units)
     return {"params": params, "grads": grads, "optimizer": optim, "param_elements": elements,

@@ -196,10 +196,11 @@ class Decoder(nn.Module):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (batch, seq) -> (seq_local, batch, hidden): summed over TP (g), or reduce-scattered with SP (f')."""
-        x = amp_cast(self.embed(ids.t()))                # the training precision, TP or not (Megatron's)
+        # The residual stream is in the training precision from here on (Megatron-LM's, without
+        # --fp32-residual-connection): its saved norm inputs and pipeline messages are 2 bytes under bf16.
+        x = amp_cast(self.embed(ids.t()))
         if self.tp.active:
             x = leave_tp(x.contiguous(), self.tp, self.sp)
-        x = x.float()                                        # the residual stream stays fp32
         if self.spec.position == "learned":
             s = x.shape[0]                                   # local sequence (÷tp with SP)
             lo = self.tp.rank * s if self.sp else 0

@@ -73,9 +73,11 @@ class Stage:
 
     def __init__(self, spec: Any, plan: Any, groups: dict[str, Group], *, cp_layout: Layout = "zigzag",
                  device: torch.device | str = "cpu", grad_dtype: torch.dtype = torch.float32,
-                 act_dtype: torch.dtype = torch.float32, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 act_dtype: torch.dtype = torch.float32, param_dtype: torch.dtype = torch.float32,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
         """`act_dtype`: dtype of the activations and gradients sent between stages (the plan counts the
-        precision's activation bytes: bf16 for bf16 training); the model computes in fp32 (autocast inside)."""
+        precision's activation bytes: bf16 for bf16 training). `param_dtype`: the model's parameters and residual
+        stream (dp.py: bf16 with fp32 masters under bf16 training; the Trainer passes the precision's for both)."""
         p, t, m = spec.plan, spec.training, spec.model
         self.spec, self.plan, self.groups = spec, plan, groups
         self.pp, self.tp, self.cp, self.dpcp = groups["pp"], groups["tp"], groups["cp"], groups["dp+cp"]
@@ -99,14 +101,14 @@ class Stage:
             return p.pp == 1 or (p.zero == 2 and not holds_tied)
         self.dps = [DataParallel(d, self.dpcp, self.tp, p.zero, p.bucket_MB, grad_dtype,
                                  layer_units=list(d.layers), every_micro_batch=every_mb(d),
-                                 param_dtype=act_dtype) for d in self.decoders]   # ZeRO gathers: the precision's
+                                 param_dtype=param_dtype) for d in self.decoders]
         self.tied_chunk = next((c for c, dp in enumerate(self.dps) if self.tied in dp.unit_of), None) \
             if self.tied is not None else None
         self._uncount_tied_copy()
         self.global_tokens = t.global_batch * m.seq_len
         s_local = m.seq_len // p.cp // (p.tp if p.sp else 1)
         self.act_shape = (s_local, t.micro_batch, m.hidden)
-        self.act_dtype = act_dtype
+        self.act_dtype, self.param_dtype = act_dtype, param_dtype
         self.runner_args = (self.pp, self.act_shape, act_dtype, torch.device(device), timeout_s)
 
     # ---- the step ----------------------------------------------------------------------------------------------
@@ -131,10 +133,10 @@ class Stage:
             def run(x, mb, run=ch.run, last=ch.last, dp=dp):
                 if dp.zero == 3:                             # embedding, final norm, head: gathered per forward
                     dp.gather_root()
-                # Stage boundaries carry `act_dtype` (bf16 like Megatron's pipeline messages, half the bytes of
-                # the fp32 residual stream): the cast is differentiable, so the gradient travels in it as well.
+                # Stage boundaries carry `act_dtype` (bf16 like Megatron's pipeline messages; the Trainer's residual
+                # stream is already in it); the gradient travels in it as well.
                 with forward_ctx():
-                    y = run(None if x is None else x.to(torch.float32), mb)
+                    y = run(None if x is None else x.to(self.param_dtype), mb)
                 return y if last else y.to(self.act_dtype)
             chunks.append(Chunk(run, ch.first, ch.last))
         runner = PipelineRunner(chunks, *self.runner_args)
@@ -229,6 +231,10 @@ class Stage:
 
     def norm_groups(self) -> list[Group]:
         return self.dps[0].norm_groups() + [self.pp]
+
+    def refresh_params(self) -> None:
+        for dp in self.dps:
+            dp.refresh_params()
 
     def gather_params(self) -> None:
         for dp in self.dps:

@@ -84,7 +84,8 @@ class Trainer:
             groups = {"pp": mesh["pp"], "tp": mesh.tp, "cp": mesh["cp"],
                       **make_extra_groups(SpecMesh.from_spec(spec))}
             self.stage = Stage(spec, self.plan, groups, device=device, grad_dtype=grad_dtype,
-                               act_dtype=self.amp_dtype or torch.float32)   # bf16 stage boundaries
+                               act_dtype=self.amp_dtype or torch.float32,       # bf16 stage boundaries
+                               param_dtype=self.amp_dtype or torch.float32)     # bf16 params, fp32 masters
             self.model, self.dp = self.stage.modules(), self.stage
         else:
             self.model = Decoder(self.ctx)
@@ -237,6 +238,7 @@ class Trainer:
         norm = global_grad_norm(grads, self.count, groups)
         clip_(grads, norm, self.spec.training.grad_clip)
         self.opt.step(grads, lr)
+        self.dp.refresh_params()                           # bf16/fp16: the masters rounded into the parameters
         self.dp.zero_grad()
         return {"norm": float(norm), "lr": lr}
 
@@ -325,4 +327,5 @@ class Trainer:
         self.opt.t = int(sd["opt_t"])
         if self.scaler:
             self.scaler.scale = float(sd["loss_scale"])
+        self.dp.refresh_params()                           # the loaded masters into the parameters (bf16/fp16)
         self.dp.gather_params()                            # ZeRO-1/2: make the full parameters consistent

@@ -78,18 +78,11 @@ def state_elements(spec, stage: int) -> dict[str, int]:
 def state_notes(spec, key: str) -> str:
     """Why the executor's measured `key` bytes (params, grads, optimizer) may differ from the memory model's
     (simulator/memory.py stage_memory, the row's prediction), naming each rule that applies; "" where the two
-    layouts are the same (fp32 training with AdamW/Adam: every ZeRO stage, with or without PP)."""
-    t = spec.training
+    layouts are the same: every precision (bf16/fp16: 2-byte parameters, fp32 masters with the optimizer states,
+    executor/dp.py), every ZeRO stage, with or without PP, for AdamW/Adam."""
     why = []
-    lowp = t.precision != "fp32"
-    if key == "params" and lowp:
-        why.append(f"the executor keeps fp32 parameter buffers (autocast; ZeRO >= 1 over >1 rank: holding the "
-                   f"{t.precision}-rounded values, plus the fp32 master shard), the memory model 2-byte weights")
-    if key == "optimizer":
-        if lowp:
-            why.append("the memory model counts the fp32 master copy here, the executor under params")
-        if t.optimizer == "sgd":
-            why.append("SGD: the executor keeps a momentum buffer, the memory model none")
+    if key == "optimizer" and spec.training.optimizer == "sgd":
+        why.append("SGD: the executor keeps a momentum buffer, the memory model none")
     return "; ".join(why)
 
 
@@ -106,7 +99,7 @@ def activation_dtypes(spec, device: str = "cpu") -> tuple[int, int]:
 
 
 def param_gather_bytes(spec) -> int:
-    """Bytes per element of the ZeRO parameter gathers (dp.py gather_dtype): the precision's with ZeRO >= 1 over
+    """Bytes per element of the ZeRO parameter gathers (dp.py param_dtype): the precision's with ZeRO >= 1 over
     more than one rank in bf16/fp16/fp8 (bf16), else fp32."""
     return 2 if spec.training.precision in ("bf16", "fp16", "fp8") and spec.plan.zero >= 1 and dp_group_size(spec) > 1 \
         else F32
@@ -254,7 +247,7 @@ def comm_notes(spec) -> dict[str, str]:
         # DP/ZeRO bytes: the plan counts the executor's padded units (spec/units.py), so they agree exactly
         "dp_allreduce": "",
         "dp_reducescatter": "",
-        # bf16/fp16/fp8 with ZeRO >= 1: the executor gathers the rounded 2-byte shards (dp.py gather_dtype; fp8
+        # bf16/fp16/fp8 with ZeRO >= 1: the executor gathers the rounded 2-byte shards (dp.py param_dtype; fp8
         # runs as bf16), as the plan counts them
         "zero_allgather": "",
         "sp_grad_allreduce": "not in the plan: SP-replicated parameters' gradients summed over tp",

@@ -1,9 +1,9 @@
 """The executor in bf16 (CPU autocast: the code path CUDA runs) and the ZeRO-3 prefetch, on gloo ranks.
 
-- The forward is bit-identical when every matmul weight and the embedding hold bf16-rounded values: what ZeRO-1/2/3
-  gather in bf16 (executor/dp.py) computes what the fp32 master would, because autocast (linears) and
-  model.amp_cast (the embedding output) round them to the same values anyway. Norm weights are used in fp32, so
-  rounding them does change the result (the documented difference, as Megatron's bf16 parameters).
+- Layout (Megatron-LM's, the memory model's): bf16 module parameters and residual stream, fp32 masters in the
+  optimizer, gradients accumulated into grad_dtype buffers (executor/dp.py). The linears then read the parameters
+  themselves: autocast keeps no bf16 weight copy for the backward (checked below); the state bytes per ZeRO stage are
+  in tests/test_executor_zero_grad_memory.py, verify's rows in tests/test_verify.py.
 - bf16 layouts train like the bf16 single process within a tolerance derived below, and like fp32 within a looser
   one (tolerances derived below). (The plan's bytes are checked byte for byte in tests/test_plan_executor_agreement.py's bf16 layouts.)
 - ZeRO-3 prefetch: the gather of layer i+1 (forward) or i-1 (backward) is issued before layer i finishes, the
@@ -139,34 +139,40 @@ def test_bf16_is_not_fp32(results):
     assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) > 1e-5
 
 
-# ---- the forward with rounded parameters --------------------------------------------------------------------
-def test_rounded_matmul_weights_and_embedding_give_the_same_forward():
+# ---- what a bf16 layer keeps for backward ---------------------------------------------------------------------
+def test_bf16_layer_saves_no_weight_copies_and_no_fp32_residual():
+    """One process, bf16 parameters (as dp.py makes them) under autocast: a layer's saved tensors are exactly the
+    memory model's with the executor's kernels (verify_predict.EXECUTOR_ACTIVATIONS), at 2 bytes per activation
+    element. The AMP layout this replaced (fp32 parameters, fp32 residual) saved 2 bytes per matmul parameter of
+    autocast weight copies and the two norm inputs in fp32 on top (docs/verify.md)."""
     from loom.executor.model import BuildCtx, Decoder
+    from loom.simulator.activations import layer_bytes
     from loom.spec import ModelSpec
-    torch.manual_seed(0)
-    m = ModelSpec(**{**LLAMA, "tied_embeddings": False})
+    from loom.verify_predict import EXECUTOR_ACTIVATIONS
+    m = ModelSpec(**{**LLAMA, "layers": 1})
     dec = Decoder(BuildCtx(m, seed=3))
-    with torch.no_grad():                                 # norms away from 1.0 (exact in bf16), as after training
-        for n, p in dec.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.01)
-    ids = torch.randint(m.vocab, (2, m.seq_len))
+    for p in dec.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    state = {t.untyped_storage().data_ptr() for t in [*dec.parameters(), *dec.buffers()]}
+    saved: dict[int, int] = {}
 
-    def loss() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return dec.loss_sum(dec(ids), ids)
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in state:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
 
-    before = loss()
-    with torch.no_grad():
-        for n, p in dec.named_parameters():
-            if "norm" not in n:
-                p.copy_(p.to(torch.bfloat16))
-    assert torch.equal(loss(), before)                  # bit for bit
-    with torch.no_grad():
-        for n, p in dec.named_parameters():
-            if "norm" in n:
-                p.copy_(p.to(torch.bfloat16))
-    assert not torch.equal(loss(), before)              # norms are used in fp32: the documented difference
+    b = 2
+    ids = torch.randint(m.vocab, (b, m.seq_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = dec.embed_tokens(ids)
+        assert x.dtype == torch.bfloat16                 # the residual stream
+        x = x.detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = dec.layers[0](x, dec.rope())
+    assert y.dtype == torch.bfloat16
+    want = layer_bytes(m, b * m.seq_len, 2, 1, False, "none", EXECUTOR_ACTIVATIONS)
+    assert sum(saved.values()) == want, (sum(saved.values()), want)
 
 
 # ---- ZeRO-3 prefetch ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""loom verify: five plans run on two gloo ranks (one pool for the module) and every exact metric - comm bytes per
+"""loom verify: plans in fp32 and bf16 run on two gloo ranks (one pool for the module) and every exact metric - comm bytes per
 kind, parameter / gradient / optimizer bytes per stage - equals its prediction; timing is reported (finite and
 positive); one end-to-end `loom verify --json` through torchrun. The checks that need no processes are in
 test_verify_layout.py."""
@@ -27,6 +27,13 @@ PLANS = {
     # beyond the five of the brief: full recompute (torch's checkpoint early stop), tied embeddings across stages
     "tp2-sp-full-recompute": {"tp": 2, "sp": True, "_training": {"recompute": "full"}},
     "pp2-interleaved-tied": {"pp": 2, "schedule": "interleaved", "vpp": 2, "_model": {"tied_embeddings": True}},
+    # bf16 (CPU autocast, the CUDA path): 2-byte parameters and residual stream, fp32 masters with the optimizer
+    # states (executor/dp.py), the memory model's layout: the same rows exact
+    "dp2-zero1-bf16": {"dp": 2, "zero": 1, "bucket_MB": 0.05, "_training": {"precision": "bf16"}},
+    "dp2-zero3-bf16": {"dp": 2, "zero": 3, "_training": {"precision": "bf16"}},
+    "tp2-sp-bf16": {"tp": 2, "sp": True, "_training": {"precision": "bf16"}},
+    "pp2-1f1b-bf16": {"pp": 2, "schedule": "1f1b", "_training": {"precision": "bf16"}},
+    "cp2-bf16": {"cp": 2, "_training": {"precision": "bf16"}},
 }
 STEPS = 3
 
