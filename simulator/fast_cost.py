@@ -311,17 +311,23 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
 _NEG = float("-inf")
 
 
-def _forward(u: _Unit, t_f: float, cf: float, kf: float, ps: float) -> tuple[float, float, float]:
+def _forward(u: _Unit, t_f: float, cf: float, kf: float, ps: float,
+             ready: float = _NEG) -> tuple[float, float, float]:
+    """`ready`: when the input arrives (the K/V exchange waits for it; under PP the activation's receive)."""
     s, floor = cf, _NEG
     if u.t_gl:                                        # ZeRO-3 without PP: root, then the layers
         g = (kf if kf > ps else ps) + u.t_root
         kf = g + u.t_gl
-        s = max(s, g + u.t_gl / u.n)
+        x = g + u.t_gl / u.n
+        s = x if x > s else s
         floor = kf + t_f / u.n
     if u.x_f:
-        s = max(s, kf + u.x_f / u.k)
+        kf = kf if kf > ready else ready
+        x = kf + u.x_f / u.k
+        s = x if x > s else s
         kf += u.x_f
-        floor = max(floor, kf + t_f / u.k)
+        x = kf + t_f / u.k
+        floor = x if x > floor else floor
     e = s + t_f
     return (e if e > floor else floor) + u.tp_f, kf, s
 
@@ -335,16 +341,19 @@ def _backward(u: _Unit, t_b: float, cf: float, kf: float, ps: float, ftail: floa
     if u.t_gl:                                        # ZeRO-3 without PP: the layers again
         g = kf if kf > ps else ps
         kf = g_end = g + u.t_gl
-        s = max(s, g + u.t_gl / u.n)                 # into the first compute op: recompute, else backward
+        x = g + u.t_gl / u.n                          # into the first compute op: recompute, else backward
+        s = x if x > s else s
     if u.has_r:
         t_r = u.t_r
         if u.t_gl:
             floor = g_end + t_r / u.n
         if u.x_r:
             x0 = kf if kf > ftail else ftail
-            s = max(s, x0 + u.x_r / u.k)
+            x = x0 + u.x_r / u.k
+            s = x if x > s else s
             kf = x0 + u.x_r
-            floor = max(floor, kf + t_r / u.k)
+            x = kf + t_r / u.k
+            floor = x if x > floor else floor
         e = s + t_r
         cf = (e if e > floor else floor) + u.tp_r
         s, floor = cf, _NEG
@@ -352,9 +361,14 @@ def _backward(u: _Unit, t_b: float, cf: float, kf: float, ps: float, ftail: floa
         floor = g_end + t_b / u.n
     if u.x_1:
         x0 = kf if kf > ftail else ftail
-        s = max(s, x0 + u.x_1 / u.k, x0 + u.x_1 + u.x_2 / u.k)
+        k = u.k
+        x = x0 + u.x_1 / k
+        s = x if x > s else s
+        x = x0 + u.x_1 + u.x_2 / k
+        s = x if x > s else s
         kf = x0 + u.x_1 + u.x_2
-        floor = max(floor, kf + t_b / u.k)
+        x = kf + t_b / k
+        floor = x if x > floor else floor
     e = s + t_b
     cf = (e if e > floor else floor) + u.tp_b
     if bk is not None and bk[0]:
@@ -398,14 +412,17 @@ def _single_stage(u: _Unit, afab: bool, m: int) -> tuple[float, float]:
     return cf, kf
 
 
-def _period(u: _Unit, afab: bool, bk: tuple[float, float, int] | None, head: float = 0.0) -> float:
+def _period(u: _Unit, afab: bool, bk: tuple[float, float, int] | None, head: float = 0.0,
+            jit: bool = False) -> float:
     """Under PP: the steady-state time per unit of one stage whose comm stream carries K/V blocks and per-micro-
     batch buckets (`bk`: t_all, t_last, n_ops), as the eigenvalue of the streams' 2×2 max-plus recurrence
     (cf, kf) -> (cf', kf'): max(a, d, (b + c)/2) (Baccelli et al. 1992, "Synchronization and Linearity", §3.2.4: the cycle mean of a
     2-node graph), each entry read off one evaluation with the other stream at −∞. Without a path from the comm
     stream into compute (b = −∞) the compute stream runs at its own pace a and the comm backlog shows at the end
     of the step (comm_end). AFAB: a forward's period plus a backward's. `head`: the LM head's work (forward and
-    backward, 1:2) in the unit, as on the last stage."""
+    backward, 1:2) in the unit, as on the last stage. `jit`: each input arrives just as the compute stream is free
+    (a stage waiting on its pipeline neighbour, as in the fill and drain), so its K/V exchange cannot be
+    prefetched."""
     t_f, t_b = u.t_f + head / 3, u.t_b + 2 * head / 3
 
     def eig(step) -> float:
@@ -416,11 +433,11 @@ def _period(u: _Unit, afab: bool, bk: tuple[float, float, int] | None, head: flo
         return max(a, d, (b + c) / 2)
 
     def pair(cf, kf):
-        f = _forward(u, t_f, cf, kf, _NEG)
+        f = _forward(u, t_f, cf, kf, _NEG, cf if jit else _NEG)
         return _backward(u, t_b, *f, f[0], bk)[:2]
     if afab:
-        return eig(lambda cf, kf: _forward(u, t_f, cf, kf, _NEG)[:2]) + \
-            eig(lambda cf, kf: _backward(u, t_b, cf, kf, _NEG, _NEG, bk)[:2])
+        return eig(lambda cf, kf: _forward(u, t_f, cf, kf, _NEG, cf if jit else _NEG)[:2]) + \
+            eig(lambda cf, kf: _backward(u, t_b, cf, kf, _NEG, cf if jit else _NEG, bk)[:2])
     return eig(pair)
 
 
@@ -471,13 +488,14 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
     else:
         # ---- pipeline. unit: the steady-state time per unit of stage 0's streams (_period; with tied embeddings
         # and ZeRO-2 a middle stage's buckets); the fill and drain pass every stage once at the pace of a unit
-        # without queued buckets, and the last unit (no later unit waits for its buckets: they are the tail below).
+        # without queued buckets whose inputs arrive just in time (jit), as does the last unit (no later unit waits
+        # for its buckets: they are the tail below).
         # The last stage adds the LM head: per micro-batch what its unit with the head (and its own buckets) takes
         # beyond the unit, where the comm stream paces both part of the head hides (less one chunk's missing layers
         # under an uneven split); the last micro-batch's head in full.
         bk = u.pace if per_mb else None
         unit = _period(u, afab, bk) if blocking else c_unit
-        fill = _period(u, afab, None) if blocking and per_mb else unit
+        fill = _period(u, afab, None, jit=True) if blocking else unit
         extra = t_head
         if blocking and t_head:
             extra = _period(u, afab, u.last_b if per_mb else None, t_head) - unit
