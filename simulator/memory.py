@@ -295,8 +295,8 @@ def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DE
         # chunk-forward count scaled to whole stages, e.g. 4 where ceil(2.5) = 3 on pp2 vpp2 m4)
         ids_mbs = first_chunk_microbatches_in_flight(p.schedule, p.pp, stage, m_steps, p.vpp)
         embedding = ids_mbs * (TOKEN_ID_BYTES * tokens
-                                 + (MASK_BYTES * tokens * m.hidden / (p.tp if p.sp else 1)
-                                    if assumptions.dropout else 0))
+                               + (MASK_BYTES * tokens * m.hidden / (p.tp if p.sp else 1)
+                                  if assumptions.dropout else 0))
     logits = workspace = 0.0
     if stage == p.pp - 1:
         saved, transient = _logits_bytes(m, tokens, p.tp, p.sp, act)
