@@ -1,7 +1,7 @@
 """SGD's optimizer state in the memory model: one fp32 momentum buffer per parameter (torch.optim.SGD's
 momentum_buffer; Loom's "sgd" is momentum SGD, executor/optim.py), plus the fp32 master copy under mixed precision,
 sharded over dp·cp from ZeRO-1 on. Derived by hand from the parameter count, and compared with what the executor
-allocates on one CPU process."""
+allocates on one CPU process (fp32, and bf16 with its fp32 masters in the optimizer)."""
 from __future__ import annotations
 
 import pytest
@@ -49,19 +49,20 @@ def test_fit_advice_floor_counts_the_momentum():
     assert states_floor(spec) == -(-n * 12 // 4)
 
 
-def test_executor_sgd_state_equals_the_memory_model():
-    """One CPU process, fp32 SGD: the executor's optimizer storages (its momentum buffers) after a step are the
-    memory model's optimizer bytes, and nothing else (no second moment)."""
+@pytest.mark.parametrize("precision, per_param", [("fp32", 4), ("bf16", 8)])
+def test_executor_sgd_state_equals_the_memory_model(precision, per_param):
+    """One CPU process: the executor's optimizer storages after a step (its momentum buffers, plus the fp32 masters
+    under bf16) are the memory model's optimizer bytes, and nothing else (no second moment)."""
     torch = pytest.importorskip("torch")
     from loom.executor.measure_state import state_bytes
     from loom.executor.mesh import build_mesh
     from loom.executor.trainer import Trainer
 
-    spec = _spec({"precision": "fp32", "lr": 1e-2, "warmup_steps": 1})
+    spec = _spec({"precision": precision, "lr": 1e-2, "warmup_steps": 1})
     tr = Trainer(spec, build_mesh(spec.plan, "cpu"), torch.device("cpu"), steps=1)
     tr.step()
     st = memory_report(spec).per_stage[0]
     got = state_bytes(getattr(tr.dp, "dps", [tr.dp]), tr.opt)
-    assert got["optimizer"] == st.optimizer == 4 * got["padded_elements"]
+    assert got["optimizer"] == st.optimizer == per_param * got["padded_elements"]
     assert (got["params"], got["grads"]) == (st.params, st.grads)
     assert not tr.opt.v and all(m.abs().sum() > 0 for m in tr.opt.m)     # the buffers are momentum, and used
