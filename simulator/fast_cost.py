@@ -81,7 +81,7 @@ class _Unit:
     """Durations of one micro-batch through one chunk, and what the plan's tail needs."""
     __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "g_unit", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
                  "head_params", "root_params", "p2p", "last_light", "has_r", "x_r", "x_1", "x_2", "k",
-                 "t_root", "t_gl", "n", "pace", "last_b")
+                 "t_root", "t_gl", "n", "b_first", "b_mid", "b_end")
 
 
 def _durations(cost: CostModel):
@@ -129,9 +129,13 @@ def _buckets_end(kf: float, s: float, t_b: float, t_all: float, t_last: float, j
     return max(kf + t_all, s + t_b / j + t_all, s + t_b * (j - 1) / j + d + t_last, s + t_b + t_last)
 
 
-def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
-    p, t = spec.plan, spec.training
-    dur = _durations(cost)
+def _work(p, t, sh: _Shapes, cost: CostModel, dur, n: int) -> tuple[float, ...]:
+    """(t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r): one micro-batch's compute through a chunk of n layers and its TP
+    collectives (compute stream), memoized: plans of a search share them across dp, pp, schedules and meshes."""
+    key = ("work", cost._loom_sig, cost._links["tp"], id(sh), n, t.recompute, p.sp, p.tp_comm_overlap)
+    hit = _CTX.durations.get(key)
+    if hit is not None:
+        return hit
     lay = range(n)
     toks = sh.tokens / sh.shard
     mem_toks = sh.tokens / sh.cp
@@ -185,6 +189,16 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
             + ov(AG, "bulk", "fc1", 1) + ov(RS, "bulk", "qkv", 1) + ov(RS, "bulk", "fc1", 1)
         if t.recompute == "full":
             tp_r = ov(AG, "ring", "qkv", p.tp) + ov(AG, "ring", "fc1", p.tp) + ov(RS, "pipeline", "proj", 4)
+
+    hit = _CTX.durations[key] = (t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r)
+    return hit
+
+
+def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
+    p, t = spec.plan, spec.training
+    dur = _durations(cost)
+    lay = range(n)
+    t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r = _work(p, t, sh, cost, dur, n)
 
     # ---- the comm stream: CP exchanges, ZeRO-3 gathers, DP buckets -----------------------------------------
     # compile_plan puts all three on one in-order "comm" stream. Compute waits for the CP blocks (an op may start
@@ -256,36 +270,31 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     counts = [len(r) for r in split_layers(spec.model.layers, pp * v)] if p.uneven_split else [n]
     first = issue(counts[0], True, pp == 1 and v == 1)      # stage 0, chunk 0: + embedding
     rest = issue(n, False, False) if v > 1 else (0.0, 0.0, 1, 0.0)
-    # compile_plan's per_micro_batch_reduction: ZeRO-2 always, ZeRO-3 without PP. d_unit: the buckets one unit
-    # issues on the stage that issues the most (its comm stream paces the pipeline); bucket ops and last op as
-    # that stage's. Under PP with tied embeddings the chunks holding the table (first and last virtual stage)
-    # reduce once per step, after their last backward (the tail below): a middle stage's chunks (pp > 2), or
-    # stage 0's other v - 1 chunks (pp = 2), set the pace.
+    # compile_plan's per_micro_batch_reduction: ZeRO-2 always, ZeRO-3 without PP; under PP with tied embeddings
+    # the chunks holding the table (first and last virtual stage) reduce once per step, after their last
+    # backward (the tail below). The buckets one unit issues, (t_all, t_last, n_ops) or None, per kind of chunk:
+    # stage 0's first (+ embedding: its largest unit closes the queue), a middle one, the last stage's last
+    # (+ head: its largest unit opens the queue).
     per_mb = p.zero == 2 or (p.zero == 3 and pp == 1)
-    none = (0.0, 0.0, 1)
-    pace = last_b = (first[0], first[3], first[2]) if per_mb else none
-    if per_mb and pp > 1:
-        # (t_all, t_last, n_ops) per unit: a stage's chunks in turn, the last op's share as the chunk holding the
-        # embedding's (stage 0) or the head's (last stage), whose buckets the largest unit closes or opens
-        mid = rest if v > 1 else issue(n, False, False)
-        end = issue(counts[-1], False, True)
-        if spec.model.tied_embeddings:
-            w = (v - 1) / v
-            pace = (mid[0] * (w if pp == 2 else 1.0), mid[3] * (w if pp == 2 else 1.0), mid[2])
-            last_b = (mid[0] * w, mid[3] * w, mid[2])
-        else:
-            def avg(c):
-                d = (c[0] + (v - 1) * mid[0]) / v
-                return d, c[3] / c[0] * d if c[0] else 0.0, c[2]
-            pace, last_b = avg(first), avg(end)
-    d_unit = pace[0]
+    b_first = b_mid = b_end = None
+    if per_mb and dpcp > 1:
+        b_first = (first[0], first[3], first[2])
+        if pp > 1:
+            mid = rest if v > 1 else issue(n, False, False)
+            end = issue(counts[-1], False, True)
+            b_mid, b_end = (mid[0], mid[3], mid[2]), (end[0], end[3], end[2])
+            if spec.model.tied_embeddings:
+                b_first = b_end = None
+    d_unit = ((b_first[0] if b_first else 0.0) + (v - 1) * (b_mid[0] if b_mid else 0.0)) / v
+    if pp > 2 and b_mid:                      # a middle stage's: all its chunks reduce every micro-batch
+        d_unit = max(d_unit, b_mid[0])
 
     u = _Unit()
     u.t_f, u.t_b, u.t_r, u.t_head, u.tp_f, u.tp_b, u.tp_r = t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r
     u.x_f, u.x_b, u.g_unit, u.zero3_once = x_f, x_b, g_unit, zero3_once
     u.first, u.rest, u.per_mb, u.d_unit = first, rest, per_mb, d_unit
     u.has_r, u.x_r, u.x_1, u.x_2, u.k = has_r, x_r, x_1, x_2, steps
-    u.t_root, u.t_gl, u.n, u.pace, u.last_b = t_root, t_gl, max(n, 1), pace, last_b
+    u.t_root, u.t_gl, u.n, u.b_first, u.b_mid, u.b_end = t_root, t_gl, max(n, 1), b_first, b_mid, b_end
     u.chunk_params = chunk_params
     u.emb_params = sh.chunk_params(range(0), True, False)
     u.head_params = sh.chunk_params(range(0), False, True)       # with tied embeddings: the last stage's copy
@@ -493,12 +502,20 @@ def fast_step(spec, profile: HardwareProfile | dict | None = None) -> Breakdown:
         # The last stage adds the LM head: per micro-batch what its unit with the head (and its own buckets) takes
         # beyond the unit, where the comm stream paces both part of the head hides (less one chunk's missing layers
         # under an uneven split); the last micro-batch's head in full.
-        bk = u.pace if per_mb else None
-        unit = _period(u, afab, bk) if blocking else c_unit
-        fill = _period(u, afab, None, jit=True) if blocking else unit
-        extra = t_head
-        if blocking and t_head:
-            extra = _period(u, afab, u.last_b if per_mb else None, t_head) - unit
+        if blocking:
+            u0 = _period(u, afab, u.b_first)
+            base = u0
+            if v > 1 or (pp > 2 and u.b_mid != u.b_first):
+                umid = _period(u, afab, u.b_mid) if u.b_mid != u.b_first else u0
+                base = max(u0, umid) if pp > 2 else u0
+            else:
+                umid = u0
+            unit = ((v - 1) * umid + base) / v
+            fill = _period(u, afab, None, jit=True)
+            extra = _period(u, afab, u.b_end, t_head) - base if t_head else 0.0
+        else:
+            unit = fill = c_unit
+            extra = t_head
         light = u.last_light * unit
         head = (m - 1) * max(0.0, extra - light) + max(0.0, t_head - light)
         t_pipe = pp * (fill + 2 * p2p) + (m * v - 1) * (unit + 2 * p2p) + head + zero3_once
