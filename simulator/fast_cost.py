@@ -234,7 +234,10 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
         if pp == 1:
             g_unit = t_root + 2 * t_gl
         else:
-            zero3_once, t_root, t_gl = t_root + t_gl, 0.0, 0.0
+            # interleaved: each later chunk's layers at its first forward, prefetched one op ahead only (beside
+            # one forward: what the gather takes beyond it shows, once per chunk)
+            zero3_once = t_root + t_gl + (v - 1) * max(0.0, t_gl - t_f - tp_f)
+            t_root = t_gl = 0.0
 
     # DP: each chunk's buckets follow its last backward (ZeRO 0/1, ZeRO-3 under PP), or every backward (ZeRO-2,
     # ZeRO-3 without PP keep a gradient shard only, so each micro-batch's gradients are reduce-scattered); bucket-op k of n_ops may start once
