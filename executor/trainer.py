@@ -246,7 +246,7 @@ class Trainer:
         """Every parameter at full size (TP shards gathered, ZeRO-3 units gathered, vocab padding cut), as the
         single-process model names them (layers by their global index), on every rank: for parity tests and
         export. With pp > 1 each stage contributes its own names (gathered over the pp group). Collective.
-        With bf16/fp16 and ZeRO >= 1 these are the rounded values the model computes with (dp.py); the fp32
+        In fp32 (widened exactly) under bf16/fp16: the rounded values the model computes with (dp.py); the fp32
         masters are the optimizer's shards (`state_dict`, checkpoints)."""
         dps = self.stage.dps if self.stage is not None else [self.dp]
         decoders = self.stage.decoders if self.stage is not None else [self.model]
@@ -264,7 +264,7 @@ class Trainer:
                 parts = name.split(".")
                 if parts[0] == "layers":                     # local index in the chunk -> global layer index
                     parts[1] = str(d.layers[int(parts[1])].index)
-                t = prm.detach().clone()
+                t = prm.detach().to(torch.float32, copy=True)    # bf16 parameters widened (exact)
                 if getattr(prm, "loom_tp_split", False) and tp.active:
                     dim = prm.loom_tp_dim
                     shard = t.movedim(dim, 0).contiguous()

@@ -11,7 +11,7 @@ Which prediction each row holds (docs/verify.md says why):
   figures in the `plan`/`model` column and the reason wherever they differ.
 - parameter / gradient / optimizer bytes per stage: the memory model (simulator/memory.py stage_memory), whose
   layout is the executor's (padded units, ZeRO-1's in-place reduced full buffer, ZeRO-2/3's shard accumulator);
-  notes name where bf16's fp32 copies or SGD's momentum differ (verify_predict.state_notes).
+  equal for every precision and optimizer since bf16 runs Megatron's layout (verify_predict.state_notes).
 - activation bytes and peak memory: the memory model (simulator/memory.py) with the assumptions that describe the
   executor's kernels (`verify_predict.EXECUTOR_ACTIVATIONS`; the default assumptions' figure beside it).
 Tolerances (relative): `DEFAULT_TOLERANCES`, overridden by the spec's [verify] table, then by --tol on the CLI.

@@ -24,7 +24,7 @@ Executor rules used (each from the named file):
 from __future__ import annotations
 
 
-from loom.simulator.activations import ActivationAssumptions
+from loom.simulator.activations import ActivationAssumptions, first_chunk_microbatches_in_flight
 from loom.spec.compile import split_layers
 from loom.spec.units import Param, Unit, chunk_tensors, padded_vocab
 from loom.spec.units import chunk_units as _units
@@ -79,11 +79,9 @@ def state_notes(spec, key: str) -> str:
     """Why the executor's measured `key` bytes (params, grads, optimizer) may differ from the memory model's
     (simulator/memory.py stage_memory, the row's prediction), naming each rule that applies; "" where the two
     layouts are the same: every precision (bf16/fp16: 2-byte parameters, fp32 masters with the optimizer states,
-    executor/dp.py), every ZeRO stage, with or without PP, for AdamW/Adam."""
-    why = []
-    if key == "optimizer" and spec.training.optimizer == "sgd":
-        why.append("SGD: the executor keeps a momentum buffer, the memory model none")
-    return "; ".join(why)
+    executor/dp.py), every ZeRO stage, with or without PP, AdamW, Adam and momentum SGD - so none is named now;
+    the row's note stays the place for a future difference."""
+    return ""
 
 
 # ---- collectives -------------------------------------------------------------------------------------------------
@@ -279,9 +277,9 @@ def executor_buffer_extras(spec, stage: int) -> int:
     - last stage, per micro-batch whose loss awaits its backward (1, AFAB: all): the final norm's fp32
       statistics (RMSNorm rstd, LayerNorm mean and rstd; on the SP shard) and the vocab-parallel cross-entropy's
       int64 targets and bool in-shard mask (executor/tp.py _VocabParallelCE saves softmax, targets, mask);
-    - first stage with tp > 1, per micro-batch in flight: the vocab-parallel embedding's bool out-of-shard mask
-      (tp.py VocabParallelEmbedding: masked_fill saves it)."""
-    from loom.simulator.memory import stage_memory
+    - first stage with tp > 1, per first-chunk forward in flight (as the token ids,
+      simulator/activations.py first_chunk_microbatches_in_flight): the vocab-parallel embedding's bool
+      out-of-shard mask (tp.py VocabParallelEmbedding: masked_fill saves it)."""
     m, p, t = spec.model, spec.plan, spec.training
     T = t.micro_batch * m.seq_len // p.cp
     out = 0
@@ -290,7 +288,6 @@ def executor_buffer_extras(spec, stage: int) -> int:
         last_mbs = spec.micro_batches if p.schedule == "afab" else 1
         out += last_mbs * (F32 * stats * T // (p.tp if p.sp and p.tp > 1 else 1) + 8 * T + 1 * T)
     if stage == 0 and p.tp > 1:
-        st = stage_memory(spec, stage)
-        whole = -(-st.microbatches_in_flight // 1) if st.layers else min(p.pp, spec.micro_batches)
-        out += int(whole) * T
+        # the embedding's mask lives as long as the token ids: one per first-chunk forward in flight
+        out += first_chunk_microbatches_in_flight(p.schedule, p.pp, 0, spec.micro_batches, p.vpp) * T
     return out

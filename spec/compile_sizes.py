@@ -11,8 +11,9 @@ ACT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 2, "fp32": 4}      # fp8 runs matmuls 
 PARAM_BYTES = ACT_BYTES
 GRAD_BYTES = {"fp32": 4, "bf16": 2}
 # HBM traffic of one optimizer step per parameter (fused kernels; apex/torch fused AdamW): read grad, read+write
-# fp32 master weight (8), read+write m and v (16), write the low-precision copy (2): 26 + grad bytes.
-OPT_STATE_BYTES = {"adamw": 26, "adam": 26, "sgd": 10}
+# fp32 master weight (8), read+write m and v (16), write the low-precision copy (2): 26 + grad bytes. Momentum SGD
+# (torch.optim.SGD's momentum_buffer, the executor's "sgd"): master 8 + momentum read+write 8 + copy 2 = 18.
+OPT_STATE_BYTES = {"adamw": 26, "adam": 26, "sgd": 18}
 FP32_BYTES = 4
 
 
