@@ -4,8 +4,8 @@ micro-batch, the activation bytes in flight and one recomputed layer's transient
 by storage), against the memory model with the executor's kernels (simulator/activations.py layer_bytes,
 recompute_transient_bytes; verify_predict.EXECUTOR_ACTIVATIONS).
 
-Layouts on two gloo ranks: dp2 ZeRO-1 on examples/tiny-cpu.toml's model and batch, tp2+SP, pp2 1F1B and dp2
-ZeRO-3 on a smaller model. The layer, in-flight and transient rows must be equal to the byte (in flight: the memory
+Layouts on two gloo ranks: dp2 ZeRO-1 on examples/tiny-cpu.toml's model and batch (fp32 and bf16), tp2+SP, pp2
+1F1B and dp2 ZeRO-3 on a smaller model. The layer, in-flight and transient rows must be equal to the byte (in flight: the memory
 model's buffers plus verify_predict.executor_buffer_extras, the final norm's statistics and the cross-entropy's
 targets and mask the memory model leaves out). An independent single-process count (liveness of op outputs, as
 tests/test_sac_executor.py measures) checks that the method sees what the layers really keep.
@@ -48,11 +48,17 @@ LAYOUTS = {
     "tp2-sp": {"tp": 2, "sp": True},
     "pp2-1f1b": {"pp": 2, "schedule": "1f1b"},
     "dp2-zero3": {"dp": 2, "zero": 3},
+    "dp2-tiny-cpu-bf16": "bf16",        # Megatron's bf16 layout: 2-byte saved tensors, fp32 rstd and lse
 }
 
 
 def spec_dict(layout: str, recompute: str) -> dict:
-    return _tiny_cpu(recompute) if LAYOUTS[layout] is None else _small(LAYOUTS[layout], recompute)
+    if LAYOUTS[layout] in (None, "bf16"):
+        d = _tiny_cpu(recompute)
+        if LAYOUTS[layout] == "bf16":
+            d["training"]["precision"] = "bf16"
+        return d
+    return _small(LAYOUTS[layout], recompute)
 
 
 def _measure_job(d: dict, steps: int) -> dict:
