@@ -3,18 +3,27 @@
 It prices the ops `loom.spec.compile.compile_plan` would emit for one micro-batch of one chunk (forward,
 recompute, backward with their FLOPs and HBM bytes from `compile._Shapes`; their TP/SP collectives, CP K/V
 exchanges, the PP send, the DP buckets, ZeRO gathers and the optimizer) with the event simulator's own cost
-model (`costs.CostModel.duration`, `hardware.HardwareProfile`), and replaces the event simulation of the whole
-step by the pipeline formula (Narayanan et al. 2021 §2.2; bubble (pp − 1)/(v·m) of the steady state):
+model (`costs.CostModel.duration`, `hardware.HardwareProfile`). compile_plan puts the CP exchanges, ZeRO-3
+gathers and DP buckets on one in-order comm stream per rank, so their order decides what compute waits for; the
+fast path follows that stream with the event simulator's edge rules (engine.run) applied to a handful of ops per
+forward/backward (`_forward`, `_backward`):
 
-  T_pipe = (m·v + pp − 1) · (t_unit + 2·t_p2p) + m·t_head              (v = vpp for interleaved, else 1)
-  step   = T_pipe + exposed DP (gradient buckets of stage 0, the last to finish its backward)
-           + optimizer + the ZeRO-1/2 post-step parameter gather,  ZeRO-3 gathers exposed per op,
+- pp = 1: the stage's two streams forward by forward, backward by backward over the step (`_single_stage`: three
+  units exact, the rest at the last one's increments), then the optimizer and the ZeRO-1/2 parameter gather.
+- pp > 1: the pipeline formula (Narayanan et al. 2021 §2.2; bubble (pp − 1)/(v·m) of the steady state)
 
-with t_unit one micro-batch's forward + recompute + backward of one chunk (its TP collectives on the compute
-stream; the comm stream's CP exchanges, ZeRO-3 gathers and per-micro-batch DP buckets when compute waits for
-them), t_p2p one activation send (each unit receives one activation and one gradient: on the critical path in
-the event simulation too) and t_head the LM head's work on the last stage. Agreement with `simulate_time` is
-checked in tests/test_search.py (within 5 % on the winners of a sample) and measured in benchmarks/search_speed.py.
+    T_pipe = pp·(t_fill + 2·t_p2p) + (m·v − 1)·(t_unit + 2·t_p2p) + (m − 1)·t_head' + t_head
+    step   = T_pipe + exposed DP (stage 0's buckets after its last backward) + optimizer + ZeRO-1/2 gather
+
+  with t_unit the steady-state time per unit (one micro-batch through one chunk) of stage 0's streams, the
+  eigenvalue of their max-plus recurrence (`_period`), averaged over its chunks' buckets; t_fill the same
+  without queued buckets and with inputs arriving just in time (fill, drain and the last unit); t_p2p one
+  activation send (each unit receives one activation and one gradient: on the critical path in the event
+  simulation too); t_head the LM head's work, t_head' what the last stage's unit with the head takes beyond
+  t_unit (less where the comm stream paces both).
+
+Agreement with `simulate_time` is checked in tests/test_search.py (within 5 % on the winners of a sample),
+tests/test_fast_cost_families.py (per comm-stream family) and measured in benchmarks/search_speed.py.
 """
 from __future__ import annotations
 
@@ -79,7 +88,8 @@ def _op(kind: OpKind, **kw) -> Op:
 
 class _Unit:
     """Durations of one micro-batch through one chunk, and what the plan's tail needs."""
-    __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "g_unit", "zero3_once", "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
+    __slots__ = ("t_f", "t_b", "t_r", "t_head", "tp_f", "tp_b", "tp_r", "x_f", "x_b", "g_unit", "zero3_once",
+                 "first", "rest", "per_mb", "d_unit", "chunk_params", "emb_params",
                  "head_params", "root_params", "p2p", "last_light", "has_r", "x_r", "x_1", "x_2", "k",
                  "t_root", "t_gl", "n", "b_first", "b_mid", "b_end")
 
@@ -201,9 +211,8 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
     t_f, t_b, t_r, t_head, tp_f, tp_b, tp_r = _work(p, t, sh, cost, dur, n)
 
     # ---- the comm stream: CP exchanges, ZeRO-3 gathers, DP buckets -----------------------------------------
-    # compile_plan puts all three on one in-order "comm" stream. Compute waits for the CP blocks (an op may start
-    # after the first of its count blocks) and for the ZeRO-3 gathers (prefetched one op ahead), so with either
-    # the pipeline advances per unit (one micro-batch through one chunk) at the pace of the slower stream.
+    # compile_plan puts all three on one in-order "comm" stream; their durations here, their order and what
+    # compute waits for in _forward/_backward below.
     gb, pb = sh.gb, sh.pb
     chunk_params = sh.chunk_params(lay, False, False)
     x_f = x_b = g_unit = x_r = x_1 = x_2 = 0.0
@@ -240,8 +249,9 @@ def _unit(spec, sh: _Shapes, cost: CostModel, n: int, pp: int, v: int) -> _Unit:
             t_root = t_gl = 0.0
 
     # DP: each chunk's buckets follow its last backward (ZeRO 0/1, ZeRO-3 under PP), or every backward (ZeRO-2,
-    # ZeRO-3 without PP keep a gradient shard only, so each micro-batch's gradients are reduce-scattered); bucket-op k of n_ops may start once
-    # (k+1)/n_ops of the backward is done, while the backward's own TP collectives follow it on compute.
+    # ZeRO-3 without PP keep a gradient shard only, so each micro-batch's gradients are reduce-scattered); bucket
+    # op k of n_ops may start once (k+1)/n_ops of the backward is done, while the backward's own TP collectives
+    # follow it on compute.
     kind = OpKind.DP_ALLREDUCE if p.zero == 0 else OpKind.DP_REDUCESCATTER
 
     def issue(layers: int, first: bool, last: bool) -> tuple[float, float, int, float]:
@@ -428,8 +438,9 @@ def _period(u: _Unit, afab: bool, bk: tuple[float, float, int] | None, head: flo
             jit: bool = False) -> float:
     """Under PP: the steady-state time per unit of one stage whose comm stream carries K/V blocks and per-micro-
     batch buckets (`bk`: t_all, t_last, n_ops), as the eigenvalue of the streams' 2×2 max-plus recurrence
-    (cf, kf) -> (cf', kf'): max(a, d, (b + c)/2) (Baccelli et al. 1992, "Synchronization and Linearity", §3.2.4: the cycle mean of a
-    2-node graph), each entry read off one evaluation with the other stream at −∞. Without a path from the comm
+    (cf, kf) -> (cf', kf') = A ⊗ (cf, kf): the maximum cycle mean of A's graph, max(a, d, (b + c)/2) (Baccelli et
+    al. 1992, "Synchronization and Linearity", ch. 3), each entry read off one evaluation with the other stream
+    at −∞ (tests/test_fast_cost_families.py iterates the recurrence instead). Without a path from the comm
     stream into compute (b = −∞) the compute stream runs at its own pace a and the comm backlog shows at the end
     of the step (comm_end). AFAB: a forward's period plus a backward's. `head`: the LM head's work (forward and
     backward, 1:2) in the unit, as on the last stage. `jit`: each input arrives just as the compute stream is free

@@ -128,3 +128,53 @@ def test_memo_tables_do_not_leak_between_zero_stages():
     fast_cost._CTX.__init__()
     fast_step(z3)
     assert fast_step(z2).step_time_s == cold
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "afab"])
+def test_period_is_the_recurrence_growth_rate(monkeypatch, schedule):
+    """_period's closed form (the 2×2 max-plus eigenvalue) against iterating the streams' recurrence itself: the
+    time per unit after many units, for ZeRO-2 + CP + PP stages with their buckets (the comm stream holds compute
+    back ~9 %) and without (compute-bound)."""
+    seen = []
+    real = fast_cost._unit
+
+    def keep(*a):
+        seen.append(real(*a))
+        return seen[-1]
+    monkeypatch.setattr(fast_cost, "_unit", keep)
+    for gpu, nodes in (("A100-80GB", 8), ("H100-SXM", 4)):
+        spec = spec_from_dict({"model": {"preset": "llama3-8b"}, "cluster": {"gpu": gpu, "nodes": nodes},
+                               "training": {"global_batch": nodes * 8, "micro_batch": 1},
+                               "parallel": dict(dp=nodes * 2, tp=1, pp=2, cp=2, zero=2, schedule=schedule)})
+        fast_step(spec)
+        u = seen[-1]
+        for bk in (u.b_first, None):
+            if schedule == "afab":
+                def step(x):
+                    f = fast_cost._forward(u, u.t_f, x[0], x[1], fast_cost._NEG)
+                    return f[0], f[1]
+
+                def bstep(x):
+                    return fast_cost._backward(u, u.t_b, x[0], x[1], fast_cost._NEG, fast_cost._NEG, bk)[:2]
+                rates = []
+                for fn in (step, bstep):
+                    x = (0.0, 0.0)
+                    for _ in range(200):
+                        x = fn(x)
+                    y = x
+                    for _ in range(100):
+                        y = fn(y)
+                    rates.append((y[0] - x[0]) / 100)
+                rate = sum(rates)
+            else:
+                def pair(x):
+                    f = fast_cost._forward(u, u.t_f, x[0], x[1], fast_cost._NEG)
+                    return fast_cost._backward(u, u.t_b, *f, f[0], bk)[:2]
+                x = (0.0, 0.0)
+                for _ in range(200):
+                    x = pair(x)
+                y = x
+                for _ in range(100):
+                    y = pair(y)
+                rate = (y[0] - x[0]) / 100
+            assert fast_cost._period(u, schedule == "afab", bk) == pytest.approx(rate, rel=1e-9), (gpu, bk)
