@@ -5,9 +5,12 @@
    time), plans enumerated / evaluated, the winner. Target: < 10 s on the 2-core development machine.
 2. The fast path alone (`fast_cost.fast_step`) on every plan that search priced, with its memo tables cleared
    first (cold) and again (warm). Target: ≥ 10,000 plans/s.
-3. Fast path vs `simulate_time` on random valid plans of four models (8 to 128 GPUs): the error distribution.
+3. Fast path vs `simulate_time` on random valid plans of four models (8 to 128 GPUs): the error distribution,
+   overall and per family (ZeRO stage × PP × CP).
+4. With --families N: N draws of each comm-stream family of tests/test_fast_cost_families.py (its sampler and
+   bounds; seeded apart from the tests' draws), the largest error against the family's bound.
 
-Run: .venv/bin/python benchmarks/search_speed.py [--samples N] [--json]
+Run: .venv/bin/python benchmarks/search_speed.py [--samples N] [--seed S] [--families N] [--json]
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from loom.spec import spec_from_dict
 from loom.spec.validate import check
@@ -74,7 +79,7 @@ def agreement(samples: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     models = [("llama3-8b", [1, 2, 4]), ("llama3.2-1b", [1, 2]), ("gpt2-350m", [1, 2]), ("llama3-70b", [4, 8, 16])]
     meshes = [["pp", "dp", "cp", "tp"], ["dp", "pp", "cp", "tp"], ["pp", "dp", "tp", "cp"], ["pp", "cp", "tp", "dp"]]
-    errors = []
+    errors, fams = [], {}
     while len(errors) < samples:
         name, nodes_opts = rng.choice(models)
         nodes = rng.choice(nodes_opts)
@@ -98,20 +103,47 @@ def agreement(samples: int, seed: int = 0) -> dict:
         e = simulate_time(spec).step_time_s
         f = fast_cost.fast_step(spec).step_time_s
         errors.append(f / e - 1)
+        fam = f"zero{par['zero']} {'PP' if pp > 1 else 'no PP'} {'CP' if cp > 1 else 'no CP'}"
+        fams.setdefault(fam, []).append(f / e - 1)
+    return {"samples": samples, "seed": seed, **_stats(errors),
+            "families": {k: {"n": len(v), **_stats(v)} for k, v in sorted(fams.items())}}
+
+
+def _stats(errors: list[float]) -> dict:
     absolute = sorted(abs(x) for x in errors)
-    return {"samples": samples, "median_abs": statistics.median(absolute),
-            "p90_abs": absolute[int(0.9 * (samples - 1))], "max_abs": absolute[-1],
-            "within_5pct": sum(1 for x in absolute if x <= 0.05) / samples}
+    n = len(absolute)
+    return {"median_abs": statistics.median(absolute), "p90_abs": absolute[int(0.9 * (n - 1))],
+            "max_abs": absolute[-1], "min": min(errors), "max": max(errors),
+            "within_5pct": sum(1 for x in absolute if x <= 0.05) / n}
+
+
+def families(draws: int) -> dict:
+    """The comm-stream families of tests/test_fast_cost_families.py, `draws` plans each."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import test_fast_cost_families as fam_tests
+    out = {}
+    for name, (zeros, pps, cps, scheds, batches, bound) in fam_tests.FAMILIES.items():
+        rng = random.Random(f"{name}/measure")
+        errs = []
+        for _ in range(draws):
+            spec = spec_from_dict(fam_tests.draw(rng, zeros, pps, cps, scheds, batches))
+            errs.append(fast_cost.fast_step(spec).step_time_s / simulate_time(spec).step_time_s - 1)
+        out[name] = {"n": draws, "bound": bound, **_stats(errs)}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--families", type=int, default=0, help="draws per comm-stream family (0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "search": full_search(), "fast_path": fast_path_rate(),
-              "agreement": agreement(args.samples)}
+              "agreement": agreement(args.samples, args.seed)}
+    if args.families:
+        report["families"] = families(args.families)
     if args.json:
         report["search"].pop("table")
         print(json.dumps(report, indent=2))
@@ -122,8 +154,14 @@ def main() -> None:
           f"{s['enumerated']:,} plans, {s['evaluated']:,} priced; phases {s['phase_s']}")
     print(f"fast path: {f['plans']:,} plans, {f['cold_plans_per_s']:,.0f} plans/s cold, "
           f"{f['warm_plans_per_s']:,.0f} warm (CPU time; target ≥ 10,000)")
-    print(f"fast vs event on {a['samples']} random plans: median |err| {a['median_abs']:.2%}, "
+    print(f"fast vs event on {a['samples']} random plans (seed {a['seed']}): median |err| {a['median_abs']:.2%}, "
           f"p90 {a['p90_abs']:.2%}, max {a['max_abs']:.2%}, {a['within_5pct']:.0%} within 5 %")
+    for name, st in a["families"].items():
+        print(f"  {name:20s} n={st['n']:4d}  median {st['median_abs']:.2%}  max |err| {st['max_abs']:.2%} "
+              f"({st['min']:+.2%} .. {st['max']:+.2%})")
+    for name, st in report.get("families", {}).items():
+        print(f"family {name:36s} n={st['n']}  median {st['median_abs']:.2%}  p90 {st['p90_abs']:.2%}  "
+              f"max {st['max_abs']:.2%} (bound {st['bound']:.1%})")
 
 
 if __name__ == "__main__":
