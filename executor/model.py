@@ -1,12 +1,14 @@
 """A Llama- or GPT-2-style decoder built per rank: this rank's TP shards of a range of layers (a pipeline stage),
 the embedding if the stage is first, the final norm and LM head if it is last.
 
-Weights are initialised full-size from (seed, parameter name) and then sliced, so every layout (dp, tp, sp, zero,
-pp later) starts from exactly the single-process model: the premise of the parity tests. Each full tensor is drawn
-on the host, one at a time (the embedding is drawn again for a tied head on another stage rather than kept), and
-only this rank's shard reaches the device: a rank's peak is one full tensor on the host plus its own shards.
+Weights are initialised by a counter-based generator (init_rng.py): element i of parameter `name` is a pure function
+of (seed, name, i), so each rank computes only the elements of its own TP shard (rows of a column-parallel weight,
+columns of a row-parallel one, its rows of the padded vocabulary table, whose padding rows are zeros) and every
+layout (dp, tp, sp, pp, cp, zero) still starts from exactly the single-process model: the premise of the parity
+tests. No full-size tensor of a sharded parameter exists on any rank; a tied head on another stage than the
+embedding computes its rows of the same table ("embed") again. Shards are built on the host and moved to the device.
 Init: normal(0, 0.02), with the residual output projections scaled by 1/sqrt(2·layers) (GPT-2, Radford et al. 2019
-§2.3); norms one, biases zero.
+§2.3); norms one, biases zero, learned positions normal(0, 0.01).
 
 Context parallel (part 2) replaces `Attention.core` (q, k, v -> out, on the local sequence chunk); pipeline
 parallel builds `Decoder(first=..., last=..., layers=range(...))` per stage.
@@ -14,7 +16,6 @@ parallel builds `Decoder(first=..., last=..., layers=range(...))` per stage.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,7 @@ from loom.spec import ModelSpec
 from loom.spec.units import padded_vocab
 
 from . import ops, sac
+from .init_rng import normal_block
 from .comm import SINGLE, Group
 from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear, enter_tp,
                  leave_tp, mark, vocab_parallel_cross_entropy)
@@ -42,14 +44,26 @@ class BuildCtx:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def full(self, name: str, shape: tuple[int, ...], std: float, pad_rows: int = 0) -> torch.Tensor:
-        """The full-size initial value of parameter `name` on the host (the same on every rank and layout), with
-        `pad_rows` zero rows appended (TP vocabulary padding) in the same buffer, so one full tensor exists at a
-        time. The callers slice their shard; Decoder moves the shards to the device."""
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        out = torch.zeros((shape[0] + pad_rows, *shape[1:])) if pad_rows else torch.empty(shape)
-        torch.randn(shape, generator=g, out=out[:shape[0]])
-        return out.mul_(std)
+    def _span(self, n: int) -> tuple[int, int]:
+        """This TP rank's range of n split into tp parts (torch.chunk's: ceil(n / tp) each, the last may be short)."""
+        per = -(-n // self.tp.size)
+        lo = min(n, self.tp.rank * per)
+        return lo, min(n, lo + per)
+
+    def shard(self, name: str, shape: tuple[int, int], std: float, dim: int | None, pad_rows: int = 0
+              ) -> torch.Tensor:
+        """This rank's TP shard of parameter `name` (full shape `shape`, normal(0, std)) on the host: split along
+        `dim` (0: rows, as column-parallel weights and the vocabulary table; 1: columns, as row-parallel weights;
+        None: replicated, the whole tensor), after appending `pad_rows` zero rows (TP vocabulary padding). Only the
+        shard's own elements are computed (init_rng.py), the same values the full tensor holds there."""
+        span = self._span(shape[0] + pad_rows if dim == 0 else shape[1]) if dim is not None else None
+        return normal_block(self.seed, name, shape, std, rows=span if dim == 0 else None,
+                            cols=span if dim == 1 else None, pad_rows=pad_rows)
+
+    def zeros(self, n: int, split: bool) -> torch.Tensor:
+        """A zero bias of full length n: this rank's part if `split` (column-parallel), else all of it."""
+        lo, hi = self._span(n) if split else (0, n)
+        return torch.zeros(hi - lo)
 
 
 def amp_cast(x: torch.Tensor) -> torch.Tensor:
@@ -84,11 +98,10 @@ class Attention(nn.Module):
         super().__init__()
         m, tp = ctx.model, ctx.tp
         std, out_std = 0.02, 0.02 / math.sqrt(2 * m.layers)
-        b = (lambda n, d: torch.zeros(d, device=ctx.device)) if m.bias else (lambda n, d: None)
-        self.q = ColumnParallelLinear(ctx.full(prefix + "q", (m.q_dim, m.hidden), std), b("q", m.q_dim), tp)
-        self.k = ColumnParallelLinear(ctx.full(prefix + "k", (m.kv_dim, m.hidden), std), b("k", m.kv_dim), tp)
-        self.v = ColumnParallelLinear(ctx.full(prefix + "v", (m.kv_dim, m.hidden), std), b("v", m.kv_dim), tp)
-        self.o = RowParallelLinear(ctx.full(prefix + "o", (m.hidden, m.q_dim), out_std), b("o", m.hidden), tp,
+        b = (lambda d, split: ctx.zeros(d, split)) if m.bias else (lambda d, split: None)
+        col = lambda n, d: ColumnParallelLinear(ctx.shard(prefix + n, (d, m.hidden), std, 0), b(d, True), tp)
+        self.q, self.k, self.v = col("q", m.q_dim), col("k", m.kv_dim), col("v", m.kv_dim)
+        self.o = RowParallelLinear(ctx.shard(prefix + "o", (m.hidden, m.q_dim), out_std, 1), b(m.hidden, False), tp,
                                    ctx.sp)
         self.heads, self.kv_heads, self.d = m.heads // tp.size, m.n_kv_heads // tp.size, m.d_head
         self.rope = m.position == "rope"
@@ -116,14 +129,15 @@ class MLP(nn.Module):
         super().__init__()
         m, tp = ctx.model, ctx.tp
         std, out_std = 0.02, 0.02 / math.sqrt(2 * m.layers)
-        b = (lambda d: torch.zeros(d, device=ctx.device)) if m.bias else (lambda d: None)
+        b = (lambda d, split: ctx.zeros(d, split)) if m.bias else (lambda d, split: None)
         self.gated = m.gated
-        self.up = ColumnParallelLinear(ctx.full(prefix + "up", (m.ffn_hidden, m.hidden), std), b(m.ffn_hidden), tp)
+        col = lambda n: ColumnParallelLinear(ctx.shard(prefix + n, (m.ffn_hidden, m.hidden), std, 0),
+                                             b(m.ffn_hidden, True), tp)
+        self.up = col("up")
         if self.gated:
-            self.gate = ColumnParallelLinear(ctx.full(prefix + "gate", (m.ffn_hidden, m.hidden), std),
-                                             b(m.ffn_hidden), tp)
-        self.down = RowParallelLinear(ctx.full(prefix + "down", (m.hidden, m.ffn_hidden), out_std), b(m.hidden),
-                                      tp, ctx.sp)
+            self.gate = col("gate")
+        self.down = RowParallelLinear(ctx.shard(prefix + "down", (m.hidden, m.ffn_hidden), out_std, 1),
+                                      b(m.hidden, False), tp, ctx.sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ops.swiglu(self.gate(x), self.up(x)) if self.gated else ops.gelu(self.up(x))
@@ -169,9 +183,9 @@ class Decoder(nn.Module):
         layers = range(m.layers) if layers is None else layers
         pad = self.vocab_padded - m.vocab
         if first:
-            self.embed = VocabParallelEmbedding(ctx.full("embed", (m.vocab, m.hidden), 0.02, pad), tp)
+            self.embed = VocabParallelEmbedding(ctx.shard("embed", (m.vocab, m.hidden), 0.02, 0, pad), tp)
             if m.position == "learned":
-                self.pos = mark(nn.Parameter(ctx.full("pos", (m.seq_len, m.hidden), 0.01)), tp_split=False,
+                self.pos = mark(nn.Parameter(ctx.shard("pos", (m.seq_len, m.hidden), 0.01, None)), tp_split=False,
                                 sp_grad=self.sp)
         self.layers = nn.ModuleList(Block(ctx, i) for i in layers)
         if last:
@@ -179,12 +193,9 @@ class Decoder(nn.Module):
             if m.tied_embeddings and first:
                 self.head_weight = self.embed.weight
             else:
-                # tied, on another stage than the embedding: the same table, drawn again (not kept meanwhile)
-                w = ctx.full("embed" if m.tied_embeddings else "head", (m.vocab, m.hidden), 0.02, pad)
-                per = self.vocab_padded // tp.size
-                self.head_weight = mark(nn.Parameter(w[tp.rank * per:(tp.rank + 1) * per].clone()),
-                                        tp_split=tp.active)
-                del w
+                # tied, on another stage than the embedding: this rank's rows of the same table, computed again
+                w = ctx.shard("embed" if m.tied_embeddings else "head", (m.vocab, m.hidden), 0.02, 0, pad)
+                self.head_weight = mark(nn.Parameter(w), tp_split=tp.active)
         if m.position == "rope":
             cos, sin = ops.rope_tables(m.seq_len, m.d_head, m.rope_theta, ctx.device)
             self.register_buffer("cos", cos, persistent=False)

@@ -179,28 +179,29 @@ def mark(p: nn.Parameter, *, tp_split: bool, sp_grad: bool = False, decay: bool 
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split by output rows over TP: each rank computes out_features / tp outputs."""
+    """y = x W^T + b with W split by output rows over TP: each rank computes out_features / tp outputs.
 
-    def __init__(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None, group: Group):
+    Built from this rank's shard (its rows of W and of b), never the full weight (model.BuildCtx.shard)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group):
         super().__init__()
-        w = full_weight.chunk(group.size, dim=0)[group.rank]
-        self.weight = mark(nn.Parameter(w.clone()), tp_split=group.size > 1)
-        self.bias = None if full_bias is None else mark(
-            nn.Parameter(full_bias.chunk(group.size)[group.rank].clone()), tp_split=group.size > 1, decay=False)
+        self.weight = mark(nn.Parameter(weight), tp_split=group.size > 1)
+        self.bias = None if bias is None else mark(nn.Parameter(bias), tp_split=group.size > 1, decay=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel_linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T (+ b after the reduction) with W split by input columns over TP; the caller reduces."""
+    """y = x W^T (+ b after the reduction) with W split by input columns over TP; the caller reduces.
 
-    def __init__(self, full_weight: torch.Tensor, full_bias: torch.Tensor | None, group: Group, sp: bool):
+    Built from this rank's columns of W and the whole (replicated) bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, sp: bool):
         super().__init__()
-        w = full_weight.chunk(group.size, dim=1)[group.rank]
-        self.weight = mark(nn.Parameter(w.clone()), tp_split=group.size > 1, tp_dim=1)
-        self.bias = None if full_bias is None else mark(
-            nn.Parameter(full_bias.clone()), tp_split=False, sp_grad=sp and group.size > 1, decay=False)
+        self.weight = mark(nn.Parameter(weight), tp_split=group.size > 1, tp_dim=1)
+        self.bias = None if bias is None else mark(
+            nn.Parameter(bias), tp_split=False, sp_grad=sp and group.size > 1, decay=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -210,14 +211,14 @@ class VocabParallelEmbedding(nn.Module):
     """Token embedding with the (padded) vocabulary split over TP (Shoeybi et al. 2019 §3, "input embedding").
 
     Each rank looks up the ids in its vocab range and writes zeros elsewhere; the caller sums over TP (g, or f'
-    with SP), so every rank ends with the full embedding."""
+    with SP), so every rank ends with the full embedding. Built from this rank's rows of the padded table."""
 
-    def __init__(self, full_weight: torch.Tensor, group: Group):
+    def __init__(self, weight: torch.Tensor, group: Group):
         super().__init__()
         self.group = group
-        per = full_weight.shape[0] // group.size
+        per = weight.shape[0]
         self.start, self.end = group.rank * per, (group.rank + 1) * per
-        self.weight = mark(nn.Parameter(full_weight[self.start:self.end].clone()), tp_split=group.size > 1)
+        self.weight = mark(nn.Parameter(weight), tp_split=group.size > 1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.group.active:

@@ -8,13 +8,11 @@
   one (tolerances derived below). (The plan's bytes are checked byte for byte in tests/test_plan_executor_agreement.py's bf16 layouts.)
 - ZeRO-3 prefetch: the gather of layer i+1 (forward) or i-1 (backward) is issued before layer i finishes, the
   results equal those without prefetch bit for bit, and the number of gathers is unchanged.
-- Init: one full-size tensor alive at a time while a rank builds its part of the model.
+- Init: no full-size tensor of a sharded parameter while a TP rank builds its part of the model.
 """
 from __future__ import annotations
 
 import copy
-import gc
-import weakref
 
 import pytest
 import torch
@@ -250,29 +248,44 @@ def test_zero3_prefetches_the_next_layer_while_this_one_computes(results):
 
 
 # ---- init ---------------------------------------------------------------------------------------------------
-def test_init_holds_one_full_tensor_at_a_time(monkeypatch):
-    """A rank builds its part holding at most one full-size tensor (the shards it keeps aside): tied embeddings on
-    a last stage draw the table again rather than keep it while the layers are built."""
+def test_init_never_materialises_a_full_sharded_tensor(monkeypatch):
+    """A TP rank builds its part without any full-size tensor of a sharded parameter: every tensor created while
+    it builds (seen by a dispatch mode: factories, copies, views' bases) is smaller than the smallest full sharded
+    parameter (the model is chosen so that every shard is smaller than every full tensor), and the initialiser
+    computes exactly this rank's elements (executor/init_rng.py's count): its shards, the replicated position
+    table, nothing else. Tied embeddings on another stage compute the head's rows of the table again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from loom.executor import model as model_mod
+    from loom.executor.comm import Group
+    from loom.executor.init_rng import DRAWN
     from loom.spec import ModelSpec
-    live, peak = [0], [0]
-    orig = model_mod.BuildCtx.full
 
-    def full(self, *a, **k):
-        t = orig(self, *a, **k)
-        live[0] += 1
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
-        return t
+    class Sizes(TorchDispatchMode):
+        biggest = 0
 
-    monkeypatch.setattr(model_mod.BuildCtx, "full", full)
-    m = ModelSpec(**{**LLAMA, "tied_embeddings": True})
-    for first, last in ((True, True), (True, False), (False, True)):
-        peak[0] = 0
-        dec = model_mod.Decoder(model_mod.BuildCtx(m, seed=1), layers=range(2), first=first, last=last)
-        gc.collect()
-        assert peak[0] == 1 and live[0] == 0, (first, last, peak[0], live[0])
-        assert all(p.device.type == "cpu" for p in dec.parameters())
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Sizes.biggest = max(Sizes.biggest, t.numel(), t.untyped_storage().nbytes() // t.element_size())
+            return out
+
+    # full sharded tensors: q, o 64·64, k, v 64·64, up, gate, down 96·64, embed/head 100·64 (>= 4096 elements);
+    # their tp=2 shards hold at most 100/2·64 = 3200
+    m = ModelSpec(**{**LLAMA, "hidden": 64, "heads": 4, "kv_heads": 4, "ffn_hidden": 96, "vocab": 100,
+                     "tied_embeddings": True, "position": "learned"})
+    smallest_full = 64 * 64
+    for rank in range(2):
+        for first, last in ((True, True), (True, False), (False, True)):
+            Sizes.biggest, DRAWN["elements"] = 0, 0
+            with Sizes():
+                dec = model_mod.Decoder(model_mod.BuildCtx(m, Group("tp", None, 2, rank), seed=1),
+                                        layers=range(2), first=first, last=last)
+            assert 0 < Sizes.biggest < smallest_full, (rank, first, last, Sizes.biggest)
+            drawn = sum(p.numel() for n, p in dec.named_parameters() if "norm" not in n)
+            assert DRAWN["elements"] == drawn, (rank, first, last, DRAWN["elements"], drawn)
+            assert all(p.device.type == "cpu" for p in dec.parameters())
 
 
 # ---- fp8 specs run as bf16 --------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""The counter-based initialiser (executor/init_rng.py) and the sharded model build (executor/model.py).
+
+(a) a rank's shard equals the slice of the full tensor computed the same way, bit for bit: column- and row-parallel
+    weights, their biases, the vocab-parallel embedding with padding rows, a tied head on another stage, blocks at
+    odd offsets crossing the chunk boundaries;
+(b) statistics: mean, std, and the mass within 1, 2, 3 σ against the normal law, each within 5 standard errors of
+    the sample (bounds derived in `_within`); neighbouring elements and two tensors uncorrelated; each parameter
+    kind has its rule's std (0.02, 0.02/sqrt(2·layers), 0.01, ones, zeros);
+(c) a TP rank computes only its shard: the elements drawn, counted, are 1/tp of the single process's.
+(The "no full-size tensor of a sharded parameter" check is tests/test_executor_bf16.py's init test.)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loom.executor import init_rng
+from loom.executor.comm import SINGLE, Group
+from loom.executor.init_rng import DRAWN, normal_block
+from loom.executor.model import BuildCtx, Decoder
+from loom.spec import ModelSpec
+
+GPT = {"layers": 2, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn_hidden": 64, "vocab": 257, "seq_len": 16,
+       "rope_theta": 10000.0, "bias": True}
+
+
+def _params(m: ModelSpec, tp: int = 1, rank: int = 0, **kw) -> dict[str, torch.Tensor]:
+    ctx = BuildCtx(m, Group("tp", None, tp, rank) if tp > 1 else SINGLE, seed=7)
+    return {k: v.detach() for k, v in Decoder(ctx, **kw).named_parameters()}
+
+
+# ---- (a) shards are slices of the full tensor -----------------------------------------------------------------------
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("extra", [{}, {"tied_embeddings": True, "position": "learned", "norm": "layernorm"}])
+def test_tp_shards_are_slices_of_the_single_process_tensors(tp, extra):
+    m = ModelSpec(**{**GPT, **extra})
+    one = _params(m)
+    padded = -(-m.vocab // tp) * tp
+    for r in range(tp):
+        mine = _params(m, tp, r)
+        assert mine.keys() == one.keys()
+        for k, v in mine.items():
+            full = one[k]
+            if k in ("embed.weight", "head_weight"):      # padded vocabulary rows, zeros past the vocabulary
+                full = torch.cat([full, torch.zeros(padded - m.vocab, m.hidden)])
+            dim = 1 if k.endswith(("attn.o.weight", "mlp.down.weight")) else 0
+            split = k.endswith((".weight", ".bias")) and any(s in k for s in (".q.", ".k.", ".v.", ".up.", ".gate."))
+            split |= k in ("embed.weight", "head_weight") or dim == 1
+            want = full.chunk(tp, dim=dim)[r] if split else full
+            assert torch.equal(v, want), (tp, r, k)
+        if r == tp - 1:                                    # the last rank holds the padding rows: zeros
+            table = mine.get("embed.weight", mine["head_weight"])   # tied: one tensor, listed as head_weight
+            assert table[m.vocab - padded:].abs().sum() == 0
+
+
+def test_tied_head_on_another_stage_is_the_embedding_shard():
+    m = ModelSpec(**{**GPT, "tied_embeddings": True})
+    for r in range(2):
+        first = _params(m, 2, r, layers=range(1), first=True, last=False)
+        last = _params(m, 2, r, layers=range(1, 2), first=False, last=True)
+        assert torch.equal(first["embed.weight"], last["head_weight"])
+    assert not torch.equal(_params(ModelSpec(**GPT))["head_weight"], _params(ModelSpec(**GPT))["embed.weight"])
+
+
+@pytest.mark.parametrize("chunk", [1000, 1 << 16])
+def test_blocks_at_odd_offsets_equal_the_full_tensor_bit_for_bit(monkeypatch, chunk):
+    """Shards whose flat ranges start and end anywhere, through chunks of a different length than the full
+    tensor's: the value of an element does not depend on its place in a vectorised pass."""
+    shape = (301, 517)
+    full = normal_block(3, "w", shape, 0.02)                 # the default chunking
+    monkeypatch.setattr(init_rng, "_CHUNK", chunk)
+    for rows, cols in [((0, 301), None), ((7, 250), None), ((7, 250), (13, 301)), ((300, 301), (0, 1)),
+                       ((0, 301), (516, 517)), ((5, 6), None)]:
+        got = normal_block(3, "w", shape, 0.02, rows=rows, cols=cols)
+        c0, c1 = cols or (0, shape[1])
+        assert torch.equal(got, full[rows[0]:rows[1], c0:c1]), (rows, cols)
+    pad = normal_block(3, "w", shape, 0.02, rows=(290, 310), pad_rows=9)
+    assert torch.equal(pad[:11], full[290:]) and pad[11:].abs().sum() == 0
+    assert torch.equal(normal_block(3, "w", (7,), 1.0, rows=(2, 5)), normal_block(3, "w", (7,), 1.0)[2:5])
+
+
+def test_the_value_depends_on_seed_and_name():
+    a = normal_block(1, "layers.0.attn.q", (64, 64), 1.0)
+    assert torch.equal(a, normal_block(1, "layers.0.attn.q", (64, 64), 1.0))
+    assert not torch.equal(a, normal_block(2, "layers.0.attn.q", (64, 64), 1.0))
+    assert not torch.equal(a, normal_block(1, "layers.0.attn.k", (64, 64), 1.0))
+    # the value of element i does not depend on the declared shape: a pure function of (seed, name, i)
+    assert torch.equal(a.reshape(-1)[:1000], normal_block(1, "layers.0.attn.q", (1000,), 1.0))
+
+
+# ---- (b) statistics -----------------------------------------------------------------------------------------------
+def _within(got: float, want: float, se: float, k: float = 5.0) -> None:
+    """|got - want| <= k standard errors (5 SE: a false alarm about once in 1.7 million runs per check)."""
+    assert abs(got - want) <= k * se, (got, want, se, (got - want) / se)
+
+
+def test_normal_statistics_within_five_standard_errors():
+    n, std = 1 << 20, 0.02
+    x = normal_block(11, "stats", (n,), std).double().numpy()
+    _within(x.mean(), 0.0, std / math.sqrt(n))
+    # SE of the sample std of a normal sample: σ / sqrt(2(n-1)) (the chi distribution's large-n limit)
+    _within(x.std(ddof=1), std, std / math.sqrt(2 * (n - 1)))
+    z = np.abs(x) / std
+    for k in (1, 2, 3):
+        p = math.erf(k / math.sqrt(2))                       # P(|Z| < k) of the standard normal
+        _within(float((z < k).mean()), p, math.sqrt(p * (1 - p) / n))
+    # the 4th moment (kurtosis 3 for a normal; SE sqrt(24/n), Kendall & Stuart, sampling variance of b2)
+    _within(float(((x / std) ** 4).mean() / ((x / std) ** 2).mean() ** 2), 3.0, math.sqrt(24 / n))
+    # neighbours and two tensors are uncorrelated: SE of a correlation coefficient near 0 is 1/sqrt(n)
+    _within(float(np.corrcoef(x[:-1], x[1:])[0, 1]), 0.0, 1 / math.sqrt(n))
+    y = normal_block(11, "stats2", (n,), std).double().numpy()
+    _within(float(np.corrcoef(x, y)[0, 1]), 0.0, 1 / math.sqrt(n))
+
+
+def test_every_parameter_kind_gets_its_std():
+    m = ModelSpec(**{**GPT, "layers": 4, "hidden": 128, "ffn_hidden": 512, "vocab": 1000, "heads": 4, "kv_heads": 4,
+                     "position": "learned", "norm": "layernorm", "seq_len": 256})
+    ps = _params(m)
+    out = 0.02 / math.sqrt(2 * m.layers)                     # GPT-2's residual projections (Radford et al. 2019)
+    for k, v in ps.items():
+        if k.endswith("bias") or ".norm" in k or k.startswith("norm"):
+            want = 0.0 if k.endswith("bias") else 1.0
+            assert torch.all(v == want), k
+            continue
+        std = out if k.endswith(("attn.o.weight", "mlp.down.weight")) else 0.01 if k == "pos" else 0.02
+        n = v.numel()
+        _within(v.double().std().item(), std, std / math.sqrt(2 * (n - 1)))
+        _within(v.double().mean().item(), 0.0, std / math.sqrt(n))
+
+
+# ---- (c) a TP rank draws only its shard ---------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_a_tp4_rank_draws_a_quarter_of_the_elements(position):
+    m = ModelSpec(**{**GPT, "vocab": 256, "position": position})
+    DRAWN["elements"] = 0
+    _params(m)
+    single = DRAWN["elements"]
+    pos = m.seq_len * m.hidden if position == "learned" else 0  # replicated over TP: every rank draws it
+    assert single == sum(v.numel() for k, v in _params(m).items()
+                         if not (k.endswith("bias") or "norm" in k))
+    total = 0
+    for r in range(4):
+        DRAWN["elements"] = 0
+        _params(m, 4, r)
+        assert DRAWN["elements"] == (single - pos) // 4 + pos, (r, DRAWN["elements"], single)
+        total += DRAWN["elements"] - pos
+    assert total == single - pos                             # no element drawn by two ranks
