@@ -1,8 +1,9 @@
 """Loom's executor vs a plain-PyTorch training loop of the same Llama 1.5B model on one GPU.
 
 Model (Loom's Llama 1.5B example): hidden 2048, 16 layers, 32 query / 8 KV heads, ffn 8192, vocab 128256,
-seq 4096, micro-batch 2, bf16 autocast with fp32 master weights, AdamW, no recompute. Both runs train on the same
-token batches (the byte-level stdlib corpus). Reported per run: tokens/s, MFU (ModelSpec.model_flops_per_token,
+seq 4096, micro-batch 2, AdamW, no recompute. Loom runs Megatron's bf16 layout (bf16 parameters and residual,
+fp32 masters in the optimizer: executor/dp.py); the plain loop is torch AMP (fp32 parameters, bf16 autocast), what
+a PyTorch user writes first. Both runs train on the same token batches (the byte-level stdlib corpus). Reported per run: tokens/s, MFU (ModelSpec.model_flops_per_token,
 the PaLM convention: 6·N + 12·L·q_dim·s, against the catalog's dense bf16 peak) and peak allocated memory.
 
   python benchmarks/train_gpu.py                 # the 1.5B comparison (needs CUDA; ~2 min)
