@@ -18,13 +18,19 @@ param_and_grad_buffer.py `_pad_end_of_bucket_if_needed`): the padding goes over 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Param:
-    numel: int
+    numel: int                     # this TP rank's elements
     sp_grad: bool = False          # replicated over TP but with SP its gradient is a partial sum over tp
+    # What the tensor is, for checkpoint resharding (executor/reshard.py); left out of equality and hashing so
+    # that the plan compiler's and memory model's comparisons and caches see only the sizes, as before.
+    name: str = field(default="", compare=False)          # the single process's name ("layers.3.attn.q.weight")
+    shape: tuple[int, ...] = field(default=(), compare=False)   # full: unsharded, vocabulary unpadded
+    split: int | None = field(default=None, compare=False)      # TP split dim (0 rows, 1 columns), None: replicated
+    vocab_padded: bool = field(default=False, compare=False)    # rows padded to padded_vocab(shape[0], tp) first
 
 
 @dataclass(frozen=True)
@@ -38,39 +44,60 @@ def padded_vocab(vocab: int, tp: int) -> int:
 
 
 def chunk_tensors(m, tp: int, sp: bool, layers: range, first: bool, last: bool) -> list[Param]:
-    """This rank's parameter tensors of one chunk (ModelSpec `m`), in `dict.fromkeys(decoder.parameters())` order."""
+    """This rank's parameter tensors of one chunk (ModelSpec `m`), in `dict.fromkeys(decoder.parameters())` order,
+    named as the single-process model names them (layers by their global index; Trainer.full_state)."""
     h = m.hidden
     sp = sp and tp > 1
     table = padded_vocab(m.vocab, tp) // tp * h
+    vocab = dict(shape=(m.vocab, h), split=0, vocab_padded=True)
+
+    def rep(name: str, *shape: int, sp_grad: bool = sp) -> Param:        # replicated over TP
+        return Param(_prod(shape), sp_grad, name, shape, None)
+
+    def col(name: str, out: int, inp: int | None) -> Param:               # split by output rows (dim 0)
+        shape = (out, inp) if inp else (out,)
+        return Param(out // tp * (inp or 1), False, name, shape, 0)
+
     own: list[Param] = []                                   # the chunk's own: pos, head_weight
     if first and m.position == "learned":
-        own.append(Param(m.seq_len * h, sp))
+        own.append(rep("pos", m.seq_len, h))
     if last:
-        own.append(Param(table))                            # tied on a single stage: the embedding itself
+        own.append(Param(table, name="head_weight", **vocab))   # tied on a single stage: the embedding itself
     subs: list[Param] = []
     if first and not (last and m.tied_embeddings):
-        subs.append(Param(table))                           # embed.weight (else the same tensor as head_weight)
-    norm = [Param(h, sp)] + ([Param(h, sp)] if m.norm == "layernorm" else [])
-    for _ in layers:
-        subs += norm
-        for out_dim in (m.q_dim, m.kv_dim, m.kv_dim):       # q, k, v: column-parallel
-            subs.append(Param(out_dim // tp * h))
+        subs.append(Param(table, name="embed.weight", **vocab))  # (else the same tensor as head_weight)
+
+    def norm(prefix: str) -> list[Param]:
+        return [rep(prefix + ".weight", h)] + ([rep(prefix + ".bias", h)] if m.norm == "layernorm" else [])
+
+    for i in layers:
+        a, f = f"layers.{i}.attn.", f"layers.{i}.mlp."
+        subs += norm(f"layers.{i}.norm1")
+        for n, out_dim in (("q", m.q_dim), ("k", m.kv_dim), ("v", m.kv_dim)):     # column-parallel
+            subs.append(col(a + n + ".weight", out_dim, h))
             if m.bias:
-                subs.append(Param(out_dim // tp))
-        subs.append(Param(h * (m.q_dim // tp)))             # o: row-parallel, bias replicated
-        if m.bias:
-            subs.append(Param(h, sp))
-        subs += norm
-        for _ in range(2 if m.gated else 1):                # up, [gate]
-            subs.append(Param(m.ffn_hidden // tp * h))
+                subs.append(col(a + n + ".bias", out_dim, None))
+        subs.append(Param(h * (m.q_dim // tp), False, a + "o.weight", (h, m.q_dim), 1))   # o: row-parallel,
+        if m.bias:                                                                     # bias replicated
+            subs.append(rep(a + "o.bias", h))
+        subs += norm(f"layers.{i}.norm2")
+        for n in ("up", "gate")[:2 if m.gated else 1]:      # up, [gate]
+            subs.append(col(f + n + ".weight", m.ffn_hidden, h))
             if m.bias:
-                subs.append(Param(m.ffn_hidden // tp))
-        subs.append(Param(h * (m.ffn_hidden // tp)))        # down: row-parallel, bias replicated
+                subs.append(col(f + n + ".bias", m.ffn_hidden, None))
+        subs.append(Param(h * (m.ffn_hidden // tp), False, f + "down.weight", (h, m.ffn_hidden), 1))   # down
         if m.bias:
-            subs.append(Param(h, sp))
+            subs.append(rep(f + "down.bias", h))
     if last:
-        subs += norm
+        subs += norm("norm")
     return own + subs
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def chunk_units(m, tp: int, sp: bool, zero: int, bucket_MB: float, grad_bytes: int, n_dp: int, layers: range,

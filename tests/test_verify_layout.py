@@ -76,3 +76,51 @@ def test_measured_exposed_comm_counts_only_uncovered_time():
                       "end": 0.014}]}
     e = measured_exposed_comm(plan, step)
     assert e["tp"] == pytest.approx(0.002) and e["dp"] == pytest.approx(0.004)
+
+
+# ---- names, full shapes and TP splits (checkpoint resharding, executor/reshard.py) against the real modules -------
+@pytest.mark.parametrize("model,tp,first,last", [
+    ({}, 1, True, True), ({}, 2, True, True), ({"bias": True, "norm": "layernorm", "activation": "gelu"}, 2, True, True),
+    ({"position": "learned"}, 1, True, False), ({"tied_embeddings": False}, 2, False, True),
+    ({"tied_embeddings": False, "position": "learned"}, 2, True, True), ({}, 2, False, False),
+    ({"vocab": 259}, 2, True, True), ({"vocab": 259, "tied_embeddings": False}, 2, False, True)])
+def test_param_names_shapes_and_splits_match_the_executor(model, tp, first, last):
+    """Each Param's name is the Decoder's parameter name with the global layer index, its full shape is what the TP
+    shards concatenate to along `split` (the vocabulary cut back to `vocab`), and replicated ones have the shard's
+    shape: checked on every TP rank of chunks that start at layer 1 (so local and global indices differ)."""
+    import torch
+    from loom.executor.comm import Group
+    from loom.executor.model import BuildCtx, Decoder
+    from loom.spec.units import chunk_tensors, padded_vocab
+    spec = make_spec({"tp": tp, "dp": 2 // tp}, **model)
+    m = spec.model
+    shards: dict[str, list[torch.Tensor]] = {}
+    for rank in range(tp):
+        g = Group("tp", None, tp, rank)
+        dec = Decoder(BuildCtx(m, tp=g, device=torch.device("cpu")), layers=range(1, 3), first=first, last=last)
+        real = []
+        for name, prm in dec.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "layers":
+                parts[1] = str(dec.layers[int(parts[1])].index)
+            real.append((".".join(parts), tuple(prm.shape), getattr(prm, "loom_tp_split", False) and
+                         getattr(prm, "loom_tp_dim", 0)))
+            shards.setdefault(real[-1][0], []).append(prm.detach())
+        pred = chunk_tensors(m, tp, spec.plan.sp, range(1, 3), first, last)
+        assert [q.name for q in pred] == [r[0] for r in real]
+        for q, (name, shape, dim) in zip(pred, real):
+            assert q.numel == torch.Size(shape).numel()
+            if q.split is None:
+                assert q.shape == shape and (tp == 1 or dim is False)
+            else:
+                assert tp == 1 or dim == q.split
+                full = list(q.shape)
+                if q.vocab_padded:
+                    full[0] = padded_vocab(full[0], tp)
+                full[q.split] //= tp
+                assert tuple(full) == shape
+    for q in chunk_tensors(m, tp, spec.plan.sp, range(1, 3), first, last):
+        if q.split is not None:        # the shards concatenate to the full tensor; the vocabulary padding is zeros
+            full = torch.cat(shards[q.name], q.split)
+            assert full.shape[q.split] >= q.shape[q.split]
+            assert torch.count_nonzero(full.narrow(q.split, q.shape[q.split], full.shape[q.split] - q.shape[q.split])) == 0
