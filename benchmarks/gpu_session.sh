@@ -69,9 +69,9 @@ if [ "$MODE" = "--cpu-smoke" ]; then
     T_PYTEST=240; T_KERN=60; T_TRAIN=120; T_CAL=90; T_VERIFY=240
 else
     SPEC="$ROOT/examples/llama-1.5b-h200.toml"
-    # none: the MFU ceiling (estimated ~37 GB: 18 B/param of states in Megatron's bf16 layout + 9.3 GiB of
+    # none: the MFU ceiling (verify predicts 37.8 GB: 18 B/param of states in Megatron's bf16 layout + 9.3 GiB of
     # activations); op (torchtitan's per-op SAC: keeps half the matmul outputs and attention's, reruns K, O, up;
-    # ~31 GB) and full (~28 GB): the runs that should fit 33 GB, at their recompute cost (docs/executor.md)
+    # 32.4 GB) and full (28.7 GB): the runs that should fit 33 GB, at their recompute cost (docs/executor.md)
     TRAIN_ARGS="--loom-recompute none,op,full"
     CAL_S=30; VERIFY_STEPS=3
     # 90 + 80 + 210 + 55 + 110 = 545 s at most, plus ~15 s of set-up: within the run tool's 600 s. train_gpu:

@@ -234,14 +234,19 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
                             _max_known([r["steps"][i].get("recompute_transient_bytes") for i in timed]),
                             tol["activations"], "B", st.workspace, TRANSIENT_NOTE))
         if cuda and "max_memory_reserved" in m:
-            from loom.simulator.memory import CUDA_CONTEXT_BYTES
+            from loom.simulator.memory import FRAGMENTATION
             # The memory model's peak = allocated + overhead, overhead = CUDA context + 5 % fragmentation
             # (simulator/memory.py): allocated compares with max_memory_allocated, allocated + fragmentation with
             # max_memory_reserved (the caching allocator's pool); the context is outside both.
-            allocated = st.peak - st.overhead
+            # On one GPU without TP the executor's loss is the fused kernel, not the memory model's unfused one.
+            loss = vp.fused_loss_delta(spec, stage, st.workspace, _recompute_transient(spec) if layers else 0.0,
+                                       ranks[0]["device"])
+            why = f"; fused loss {loss / 2**30:+.2f} GiB (verify_predict.fused_loss_delta)" if loss else ""
+            allocated = st.peak - st.overhead + loss
             rows.append(Row(f"peak memory allocated (stage {stage})", allocated, m["max_memory_allocated"],
-                            tol["peak_memory"], "B", st.peak, "memory model peak without context and fragmentation"))
-            rows.append(Row(f"peak memory reserved (stage {stage})", st.peak - CUDA_CONTEXT_BYTES,
+                            tol["peak_memory"], "B", st.peak,
+                            "memory model peak without context and fragmentation" + why))
+            rows.append(Row(f"peak memory reserved (stage {stage})", allocated * (1 + FRAGMENTATION),
                             m["max_memory_reserved"], tol["peak_memory"], "B", st.peak,
-                            "memory model peak without the CUDA context (not seen by the allocator)"))
+                            "memory model peak without the CUDA context (not seen by the allocator)" + why))
     return rows

@@ -291,3 +291,42 @@ def executor_buffer_extras(spec, stage: int) -> int:
         # the embedding's mask lives as long as the token ids: one per first-chunk forward in flight
         out += first_chunk_microbatches_in_flight(p.schedule, p.pp, 0, spec.micro_batches, p.vpp) * T
     return out
+
+
+# ---- the loss on CUDA ---------------------------------------------------------------------------------------------
+FUSED_CE_CHUNK_BYTES = 256 * 2**20      # kernels/fused_linear_ce.py _CHUNK_BYTES: one chunk's logits at most
+
+
+def fused_ce_chunk_tokens(tokens: int, vocab: int, elt: int) -> int:
+    """Tokens per chunk of loom.kernels' fused linear cross-entropy (kernels/fused_linear_ce.py
+    default_chunk_size: logits of at most 256 MiB, a multiple of 64 tokens)."""
+    c = max(64, FUSED_CE_CHUNK_BYTES // (vocab * elt) // 64 * 64)
+    return max(1, min(c, tokens))
+
+
+def uses_fused_loss(spec, device: str) -> bool:
+    """executor/model.py Decoder.loss_sum: on CUDA without TP the loss is loom.kernels' fused linear cross-entropy
+    (the logits are never materialised); on CPU, or with TP, the vocab-parallel cross-entropy the memory model
+    describes."""
+    return device.startswith("cuda") and spec.plan.tp == 1
+
+
+def fused_loss_delta(spec, stage: int, workspace: float, recompute_transient: float, device: str) -> int:
+    """Bytes the executor's loss on `device` holds beyond the memory model's (negative: less) on `stage`, at the
+    peak: the memory model (simulator/memory.py _logits_bytes) keeps, per micro-batch awaiting its backward, the
+    final norm's input and output (2·act·T·h) and the fp32 log-probs (4·T·v), and needs the loss backward's two
+    fp32 (T, v) gradients as workspace. The fused kernel (kernels/fused_linear_ce.py, Liger-Kernel's approach)
+    computes the gradients in the forward: it keeps grad_h (act·T·h) and grad_W (v·h in the weight's dtype) per
+    micro-batch, the final norm keeps its input (act·T·h; its output is consumed) and rstd (4·T), and its only
+    transient is one chunk's logits (c·v·act). `workspace`: the memory model's StageMemory.workspace, the larger
+    of the loss transient and `recompute_transient` (one recomputed layer's)."""
+    m, p, t = spec.model, spec.plan, spec.training
+    if stage != p.pp - 1 or not uses_fused_loss(spec, device):
+        return 0
+    act = pb = F32 if t.precision == "fp32" else 2          # simulator/memory.py activation_bytes, param_bytes
+    T, v, h = t.micro_batch * m.seq_len // p.cp, m.vocab, m.hidden
+    last_mbs = spec.micro_batches if p.schedule == "afab" else 1
+    model_saved = 2 * act * T * h + F32 * T * v
+    fused_saved = act * T * h + F32 * T * (1 if m.norm == "rmsnorm" else 2) + act * T * h + pb * v * h
+    fused_ws = max(fused_ce_chunk_tokens(T, v, act) * v * act, recompute_transient)
+    return int(last_mbs * (fused_saved - model_saved) + fused_ws - workspace)
