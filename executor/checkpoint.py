@@ -1,9 +1,14 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): every rank saves its own shards in parallel.
 
-Keys name the layout coordinates of what a rank holds: "tp{t}.u{i}.*" for tensors replicated over DP (ZeRO-0:
-DCP writes each once) and "tp{t}.dp{d}.u{i}.*" for DP shards (ZeRO >= 1). Step, data position and loss scale are
-tensors, so nothing but tensors is stored. A checkpoint resumes the layout that wrote it (a fingerprint tensor is
-checked; resharding to another layout would need DTensor state dicts: not done).
+Keys name the layout coordinates of what a rank holds (Trainer.state_dict): "pp{s}.tp{t}.u{i}.{param,m,v}" for
+units replicated over DP (ZeRO-0: DCP writes each once) and "pp{s}.tp{t}.dp{d}.u{i}.*" for DP shards (ZeRO >= 1;
+under pp/cp d is the rank in the dp x cp group); "param" is the fp32 master, m and v the optimizer's moments.
+Step, data position (sequences consumed), optimizer step count and loss scale are tensors, so nothing but tensors
+is stored; rank 0 also writes the writer's spec as loom_spec.json (executor/reshard.py SPEC_FILE), before DCP's
+.metadata, which marks a complete checkpoint. A checkpoint loads key for key only under the layout that wrote it
+(a per-stage fingerprint tensor is checked); another layout resumes from a resharded copy: executor/reshard.py
+rebuilds every parameter's full master and moments from the units and writes the new layout's keys into a sibling
+directory `step_XXXXXXXX.<layout tag>` (`resharded_dir`), which `loom run` does by itself when [parallel] changed.
 
 DCP's own metadata file is a pickle; it is read here with an unpickler that only admits DCP's metadata classes
 and plain containers, and tensor data goes through torch.load(weights_only=True) inside DCP.
@@ -55,16 +60,33 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+_STEP_DIR = re.compile(r"^step_\d{8}$")
+
+
 def latest(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (DCP writes .metadata last)."""
+    """The newest complete checkpoint the run wrote (DCP writes .metadata last); resharded copies
+    (`resharded_dir`) are not counted: they are derived from one of these."""
     root = Path(out_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if (p / ".metadata").exists()) if root.exists() else []
+    done = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and (p / ".metadata").exists()) \
+        if root.exists() else []
     return done[-1] if done else None
 
 
-def save(state: dict[str, torch.Tensor], path: Path, process_group=None) -> None:
-    dcp.save(state, checkpoint_id=str(path), process_group=process_group)
+def resharded_dir(path: Path, tag: str) -> Path:
+    """Where checkpoint `path` resharded to the layout tagged `tag` lives (a sibling directory)."""
+    return path.with_name(f"{path.name}.{tag}")
 
 
-def load(state: dict[str, torch.Tensor], path: Path, process_group=None) -> None:
-    dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), process_group=process_group)
+def complete(path: Path) -> bool:
+    return (Path(path) / ".metadata").exists()
+
+
+def save(state: dict[str, torch.Tensor], path: Path, process_group=None, no_dist: bool = False) -> None:
+    """`no_dist`: one process writes the whole checkpoint without a process group (executor/reshard.py)."""
+    dcp.save(state, checkpoint_id=str(path), process_group=process_group, no_dist=no_dist)
+
+
+def load(state: dict[str, torch.Tensor], path: Path, process_group=None, no_dist: bool = False) -> None:
+    """Fills the tensors of `state` (only its keys are read)."""
+    dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), process_group=process_group,
+             no_dist=no_dist)

@@ -1,7 +1,8 @@
 """The per-rank entry point: `python -m loom.executor.train SPEC [--steps N] [--out DIR]` under torchrun.
 
 It initialises the process group (NCCL on CUDA, gloo for `gpu = "cpu"`), builds the mesh and a `Trainer`
-(executor/trainer.py: how a rank runs the plan's program), resumes from the newest checkpoint, and logs each step.
+(executor/trainer.py: how a rank runs the plan's program), resumes from the newest checkpoint (resharded first
+when another [parallel] wrote it: `resume_path`), and logs each step.
 """
 from __future__ import annotations
 
@@ -55,6 +56,39 @@ def init_distributed(spec: Spec) -> torch.device:
     return device
 
 
+def _describe(spec: Spec) -> str:
+    p = spec.plan
+    return (f"dp {p.dp}, tp {p.tp}{' sp' if p.sp else ''}, pp {p.pp}"
+            f"{' ' + p.schedule if p.pp > 1 else ''}, cp {p.cp}, zero {p.zero}, {spec.training.precision}")
+
+
+def resume_path(ck: Path, spec: Spec) -> Path:
+    """The checkpoint this run loads: `ck` itself when it was written by this layout (or has no recorded spec:
+    then Trainer.load checks the layout), else its copy resharded to this layout (executor/reshard.py), made by rank
+    0 into a sibling directory while the other ranks wait (reused when a complete one exists). Collective."""
+    from .reshard import check_compatible, layout, read_spec, reshard, same_layout
+    src = read_spec(ck)
+    if src is None:
+        return ck
+    check_compatible(src, spec)                        # on every rank: all raise the same clear error
+    if same_layout(src, spec):
+        return ck
+    target = checkpoint.resharded_dir(ck, layout(spec).tag())
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    err = [None]
+    if rank0 and not checkpoint.complete(target):
+        try:
+            reshard(ck, src, spec, target)
+            print(f"loom run: resharded {ck} ({_describe(src)}) into {target} ({_describe(spec)})", flush=True)
+        except Exception as exc:                       # noqa: BLE001 - every rank must hear of it, not hang
+            err = [f"resharding {ck} to this [parallel] failed: {type(exc).__name__}: {exc}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise ValueError(err[0])
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loom.executor.train", description=__doc__.splitlines()[0])
     ap.add_argument("spec")
@@ -84,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     mesh = build_mesh(spec.plan, device.type)
     trainer = Trainer(spec, mesh, device, steps)
     if out and spec.run.resume and (ck := checkpoint.latest(out)) is not None:
+        ck = resume_path(ck, spec)
         trainer.load(ck)
         if rank0:
             print(f"resumed from {ck} at step {trainer.step_no}", flush=True)

@@ -307,7 +307,12 @@ class Trainer:
         return sd
 
     def save(self, out_dir: str | Path) -> Path:
+        """Every rank saves its keys; rank 0 first records the spec (loom_spec.json: what executor/reshard.py needs
+        to resume under another layout) - before DCP's .metadata, which marks the checkpoint complete."""
+        from .reshard import write_spec
         path = checkpoint.step_dir(out_dir, self.step_no)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_spec(self.spec, path)
         checkpoint.save(self.state_dict(), path)
         return path
 
@@ -319,10 +324,12 @@ class Trainer:
             checkpoint.load(sd, Path(path))
         except Exception as exc:                           # DCP names the missing keys: another layout wrote it
             raise ValueError(f"checkpoint {path} does not hold this layout's state ({str(exc)[:200]}): resume "
-                             "with the same [parallel]") from exc
+                             "with the same [parallel], or reshard it (loom run does when the checkpoint has its "
+                             "loom_spec.json; executor/reshard.py)") from exc
         if not torch.equal(sd[key], expect):
             raise ValueError(f"checkpoint {path} was written by another layout ({sd[key].tolist()} vs "
-                             f"{expect.tolist()} as dp, tp, pp, cp, zero, units): resume with the same [parallel]")
+                             f"{expect.tolist()} as dp, tp, pp, cp, zero, units): resume with the same [parallel], "
+                             "or reshard it (executor/reshard.py)")
         self.step_no, self.consumed = int(sd["step"]), int(sd["consumed"])
         self.opt.t = int(sd["opt_t"])
         if self.scaler:

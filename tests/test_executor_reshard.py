@@ -1,0 +1,160 @@
+"""Resuming a checkpoint under another parallel layout (executor/reshard.py, executor/train.py `resume_path`).
+
+Each case trains N = 2 steps in layout A on gloo ranks, saves, reshards to layout B (one process, no process group)
+and resumes in B for M = 2 more steps. Checked:
+(a) exact (resharding is data movement): the masters B loads equal A's full parameters bit for bit; the full
+    masters and moments rebuilt from B's checkpoint equal those rebuilt from A's; the source's rebuilt masters
+    equal A's own `Trainer.full_state`; the keys every rank of B saves are the keys `layout(B)` predicts;
+(b) the N + M losses equal a straight single-process run of N + M steps within the parity suite's relative 1e-5
+    (docs/executor.md: fp32 reduction-order differences ~1e-7 per add; a moment dropped or misplaced moves a loss by
+    ~1e-3, a step of lr = 3e-3 on every parameter, so it fails).
+Layouts: dp2 ZeRO-1 -> tp2+SP (through `resume_path`, as `loom run` does); tp2 -> dp2 ZeRO-3; pp2 1F1B with tied
+embeddings (two copies of the table) -> dp2 ZeRO-2; dp2 -> pp2 interleaved (vpp 2). The vocabulary, 257, is
+odd: tp2 pads it to 258 (a zero row). Small buckets (bucket_MB 0.01) give several units per rank.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+MODEL = {"layers": 4, "hidden": 32, "heads": 4, "kv_heads": 2, "ffn_hidden": 64, "vocab": 257, "seq_len": 16,
+         "tied_embeddings": True, "rope_theta": 10000.0}
+N, M = 2, 2
+WORLD = 2
+LOSS_TOL = 1e-5                        # the parity suite's (docs/executor.md), relative
+
+
+def _spec(par: dict, model: dict | None = None, optimizer: str = "adamw") -> dict:
+    par = {"bucket_MB": 0.01, **par}
+    size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
+    return {"model": copy.deepcopy(model or MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
+            "training": {"global_batch": 8, "micro_batch": 2, "precision": "fp32", "lr": 3e-3, "optimizer": optimizer,
+                         "warmup_steps": 1, "grad_clip": 1.0, "weight_decay": 0.1},
+            "parallel": par}
+
+
+CASES = {
+    "dp2z1_to_tp2sp": (_spec({"dp": 2, "zero": 1}), _spec({"tp": 2, "sp": True})),
+    "tp2_to_dp2z3": (_spec({"tp": 2}), _spec({"dp": 2, "zero": 3})),
+    "pp2_tied_to_dp2z2": (_spec({"pp": 2, "schedule": "1f1b"}), _spec({"dp": 2, "zero": 2})),
+    "dp2_to_pp2_interleaved": (_spec({"dp": 2}), _spec({"pp": 2, "schedule": "interleaved", "vpp": 2})),
+}
+VIA_TRAIN = "dp2z1_to_tp2sp"           # resharded by train.resume_path (loom run's code), the rest by reshard()
+
+
+def _trainer(d: dict):
+    import torch.distributed as dist
+    from loom.executor.mesh import build_mesh
+    from loom.executor.trainer import Trainer
+    from loom.spec import spec_from_dict
+    spec = spec_from_dict(d)
+    mesh = build_mesh(spec.plan, "cpu", replicas=dist.get_world_size() // spec.plan.size)
+    return spec, Trainer(spec, mesh, torch.device("cpu"), N + M)
+
+
+def _job(cases: dict, tmp: str) -> dict:
+    import torch.distributed as dist
+    from loom.executor import checkpoint
+    from loom.executor.reshard import layout, read_full, reshard
+    from loom.executor.train import resume_path
+    rank0 = dist.get_rank() == 0
+    out: dict = {}
+    for name, (a, b) in cases.items():
+        res: dict = {}
+        spec_a, tr = _trainer(a)
+        res["losses"] = [tr.step().loss for _ in range(N)]
+        res["full_a"] = tr.full_state()
+        ck = tr.save(Path(tmp) / name)
+        dist.barrier()
+        spec_b, tr = _trainer(b)
+        if name == VIA_TRAIN:
+            dst = resume_path(ck, spec_b)
+        else:
+            dst = checkpoint.resharded_dir(ck, layout(spec_b).tag())
+            if rank0:
+                reshard(ck, spec_a, spec_b, dst)
+            dist.barrier()
+        tr.load(dst)
+        res["full_b"] = tr.full_state()
+        res["keys_b"] = {k: tuple(v.shape) for k, v in tr.state_dict().items()}
+        res["losses"] += [tr.step().loss for _ in range(M)]
+        if rank0:
+            res["dst"] = str(dst)
+            res["read_a"] = read_full(ck, layout(spec_a))[0]
+            res["read_b"] = read_full(dst, layout(spec_b))[0]
+            res["layout_keys_b"] = layout(spec_b).keys()
+        out[name] = res
+    spec_r, tr = _trainer(_spec({}))                 # the straight single-process run (2 replicas of it)
+    out["reference"] = [tr.step().loss for _ in range(N + M)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    from tests.test_executor_pp_harness import RankPool
+    pool = RankPool(WORLD)
+    try:
+        ranks = pool.run(_job, CASES, str(tmp_path_factory.mktemp("reshard")))
+    finally:
+        pool.close()
+    return {"rank0": ranks[0], "ranks": ranks}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_resharded_state_is_the_source_state_exactly(results, name):
+    r = results["rank0"][name]
+    assert r["full_b"].keys() == r["full_a"].keys()
+    for k, v in r["full_a"].items():
+        assert torch.equal(r["full_b"][k], v), k                  # the masters B computes with = A's, bit for bit
+        assert torch.equal(r["read_a"][k]["param"], v), k         # the reader undoes A's units exactly
+    assert r["read_a"].keys() == r["read_b"].keys()
+    for k, st in r["read_a"].items():
+        assert st.keys() == {"param", "m", "v"}
+        for x, t in st.items():
+            assert torch.equal(r["read_b"][k][x], t), (k, x)       # moments moved too, bit for bit
+        assert st["v"].abs().sum() > 0                            # two Adam steps: real moments, not zeros
+    # every rank of B saves exactly the keys (and shapes) the resharded checkpoint holds for it
+    union = {}
+    for rank in results["ranks"]:
+        union.update(rank[name]["keys_b"])
+    assert union == r["layout_keys_b"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_resumed_run_trains_like_the_single_process(results, name):
+    got, ref = results["rank0"][name]["losses"], results["rank0"]["reference"]
+    assert len(got) == N + M
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a == pytest.approx(b, rel=LOSS_TOL), (i, got, ref)
+    assert ref[-1] < ref[0] - 1e-3                                # it trains: a lost update would show
+
+
+def test_resume_path_reshards_into_a_sibling_directory(results):
+    r = results["rank0"][VIA_TRAIN]
+    dst = Path(r["dst"])
+    assert dst.name.startswith("step_00000002.dp1-tp2-pp1-cp1-z0-") and (dst / ".metadata").exists()
+    assert (dst / "loom_spec.json").exists() and (dst.parent / "step_00000002" / "loom_spec.json").exists()
+
+
+def test_a_model_change_is_refused_naming_the_field(tmp_path):
+    from loom.executor.reshard import check_compatible, reshard
+    from loom.spec import spec_from_dict
+    a = spec_from_dict(_spec({"dp": 2}))
+    b = spec_from_dict(_spec({"tp": 2}, model={**MODEL, "hidden": 64, "ffn_hidden": 128}))
+    with pytest.raises(ValueError, match=r"model\.hidden = 64 \(the checkpoint's: 32\).*model\.ffn_hidden"):
+        reshard(tmp_path / "nothing", a, b, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"training\.optimizer = 'sgd'"):
+        check_compatible(a, spec_from_dict(_spec({"tp": 2}, optimizer="sgd")))
+    check_compatible(a, spec_from_dict(_spec({"tp": 2}, model={**MODEL, "name": "renamed"})))   # a name is no change
+
+
+def test_latest_ignores_resharded_copies(tmp_path):
+    from loom.executor import checkpoint
+    for name in ("step_00000002", "step_00000002.dp1-tp2-pp1-cp1-z0-abcdef01", "step_00000004.x"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / ".metadata").write_bytes(b"")
+    assert checkpoint.latest(tmp_path).name == "step_00000002"
