@@ -14,13 +14,16 @@ grouping, and its `Param`s name each tensor, its full shape and its TP split).
 2. cuts every full tensor again by the destination's TP split (vocabulary padded to a multiple of its tp with zero
    rows), concatenates the destination's units, pads them and, for ZeRO >= 1, splits them over its DP group;
 3. writes the destination's keys of every rank with one dcp.save without a process group (no_dist): one checkpoint
-   from which each rank of the new layout loads its own keys. step, consumed, opt_t and loss_scale carry over.
+   from which each rank of the new layout loads its own keys. Each unit tensor is built only when DCP's writer asks
+   for it (a planner whose resolve_data cuts it from the full tensors), into a file of its own, so the destination
+   never exists in memory as a whole. step, consumed, opt_t and loss_scale carry over.
 This is pure data movement: no arithmetic touches a value, so the masters and moments are bit-identical to the
 source's (padding elements are zeros in every layout: they never receive a gradient).
 
-Peak host memory: the model's full fp32 state (master + m + v, 12 B/param for Adam(W), 8 B for momentum SGD) plus
-the destination's state for all its ranks (the same again, plus replicated tensors once per TP rank and the
-padding), plus one source unit: about 2 x 12 B/param for AdamW (a 1 B-parameter model: ~24 GB).
+Peak host memory: the model's full fp32 state (master + m + v: 12 B/param for Adam(W), 8 B for momentum SGD) plus
+one unit (the source's while reading, with its DP shards; the destination's while writing, with one shard copy):
+about 12 B/param for AdamW (a 1 B-parameter model: ~12 GB), independent of either layout. Files: one per
+destination tensor (ranks x units x states), in the directory DCP's metadata indexes.
 
 Refused with a clear error: another model (any ModelSpec field but `name`), or a change between momentum SGD and
 Adam/AdamW (different optimizer state). Allowed: any dp, tp, sp, pp, schedule/vpp, cp, zero, bucket_MB, mesh,
@@ -36,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from loom.spec import Spec
 from loom.spec.compile import compile_plan
@@ -231,26 +237,57 @@ def _shard_of(full: torch.Tensor, q: Param, tp: int, t: int) -> torch.Tensor:
     return full.narrow(dim, lo, hi - lo)
 
 
-def build_state(full: dict[str, dict[str, torch.Tensor]], dst: Layout) -> dict[str, torch.Tensor]:
-    """Every rank's unit keys of `dst` from the full tensors."""
-    out: dict[str, torch.Tensor] = {}
-    for s, units in enumerate(dst.stages):
-        out[f"pp{s}.layout"] = dst.layout_tensor(s)
-        for t in range(dst.tp):
-            for i, u in enumerate(units):
-                for x in dst.states:
-                    flat = torch.zeros(u.numel)
-                    off = 0
-                    for q in u.params:
-                        src = full[_full_name(q, dst.spec)][x]
-                        flat[off:off + q.numel].copy_(_shard_of(src, q, dst.tp, t).reshape(-1))
-                        off += q.numel
-                    if dst.sharded:
-                        for r, piece in enumerate(flat.chunk(dst.n_dp)):
-                            out[f"{dst.where(s, t, r)}.u{i}.{x}"] = piece.clone()   # its own storage
-                    else:
-                        out[f"{dst.where(s, t, 0)}.u{i}.{x}"] = flat
-    return out
+class _Units:
+    """The destination's unit keys, each built from the full tensors only when DCP's writer asks for it: the padded
+    unit of (stage, TP rank, unit, state) is cut once and its DP shards handed out (the last one is cached)."""
+
+    def __init__(self, full: dict[str, dict[str, torch.Tensor]], dst: Layout):
+        self.full, self.dst = full, dst
+        self.where: dict[str, tuple[int, int, int, str, int]] = {}     # key -> (stage, tp, unit, state, dp shard)
+        for s, units in enumerate(dst.stages):
+            for t in range(dst.tp):
+                for r in dst.dp_ranks():
+                    for i in range(len(units)):
+                        for x in dst.states:
+                            self.where[f"{dst.where(s, t, r)}.u{i}.{x}"] = (s, t, i, x, r)
+        self._last: tuple | None = None
+        self._flat = torch.empty(0)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        keys = self.dst.keys()
+        return {k: keys[k] for k in self.where}
+
+    def unit(self, s: int, t: int, i: int, x: str) -> torch.Tensor:
+        if self._last != (s, t, i, x):
+            u = self.dst.stages[s][i]
+            flat = torch.zeros(u.numel)                  # the padding stays zero
+            off = 0
+            for q in u.params:
+                src = self.full[_full_name(q, self.dst.spec)][x]
+                flat[off:off + q.numel].copy_(_shard_of(src, q, self.dst.tp, t).reshape(-1))
+                off += q.numel
+            self._last, self._flat = (s, t, i, x), flat
+        return self._flat
+
+    def build(self, key: str) -> torch.Tensor:
+        s, t, i, x, r = self.where[key]
+        flat = self.unit(s, t, i, x)
+        return flat.chunk(self.dst.n_dp)[r].clone() if self.dst.sharded else flat
+
+
+class _LazyPlanner(DefaultSavePlanner):
+    """DCP's default planner, except that the unit tensors are built when written (`resolve_data`, the planner's
+    hook for producing an item's data): the plan is made from stride-0 placeholders of the right shape."""
+
+    def __init__(self, units: _Units):
+        super().__init__()
+        self.units = units
+
+    def resolve_data(self, write_item):
+        key = write_item.index.fqn
+        if key in self.units.where:
+            return self.units.build(key)
+        return super().resolve_data(write_item)
 
 
 def reshard(src_dir: str | Path, src_spec: Spec, dst_spec: Spec, dst_dir: str | Path) -> Path:
@@ -261,10 +298,14 @@ def reshard(src_dir: str | Path, src_spec: Spec, dst_spec: Spec, dst_dir: str | 
     full, scalars = read_full(Path(src_dir), src)
     if dst_spec.training.precision == "fp16" and src_spec.training.precision != "fp16":
         scalars["loss_scale"] = torch.tensor(LossScaler().scale, dtype=torch.float64)   # fp16's initial scale
-    state = build_state(full, dst)
-    del full
+    units = _Units(full, dst)
+    state: dict[str, torch.Tensor] = {k: torch.zeros(1).expand(shape) for k, shape in units.shapes().items()}
+    state.update({f"pp{s}.layout": dst.layout_tensor(s) for s in range(len(dst.stages))})
     state.update(scalars)
     dst_dir = Path(dst_dir)
     write_spec(dst_spec, dst_dir)
-    checkpoint.save(state, dst_dir, no_dist=True)
+    # one file per tensor: DCP's writer holds every tensor of a file until the file is closed (filesystem.py
+    # _write_files_from_queue), so this keeps one destination tensor alive at a time
+    writer = FileSystemWriter(str(dst_dir), single_file_per_rank=False)
+    dcp.save(state, storage_writer=writer, planner=_LazyPlanner(units), no_dist=True)
     return dst_dir

@@ -9,8 +9,9 @@ and resumes in B for M = 2 more steps. Checked:
     (docs/executor.md: fp32 reduction-order differences ~1e-7 per add; a moment dropped or misplaced moves a loss by
     ~1e-3, a step of lr = 3e-3 on every parameter, so it fails).
 Layouts: dp2 ZeRO-1 -> tp2+SP (through `resume_path`, as `loom run` does); tp2 -> dp2 ZeRO-3; pp2 1F1B with tied
-embeddings (two copies of the table) -> dp2 ZeRO-2; dp2 -> pp2 interleaved (vpp 2). The vocabulary, 257, is
-odd: tp2 pads it to 258 (a zero row). Small buckets (bucket_MB 0.01) give several units per rank.
+embeddings (two copies of the table) -> dp2 ZeRO-2; pp2 interleaved (vpp 2: two chunks per stage) -> cp2 ZeRO-1
+(units sharded over the dp x cp group). The vocabulary, 257, is odd: tp2 pads it to 258 (a zero row). Small
+buckets (bucket_MB 0.01) give several units per rank. A last test checks the writer's streaming in one process.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ CASES = {
     "dp2z1_to_tp2sp": (_spec({"dp": 2, "zero": 1}), _spec({"tp": 2, "sp": True})),
     "tp2_to_dp2z3": (_spec({"tp": 2}), _spec({"dp": 2, "zero": 3})),
     "pp2_tied_to_dp2z2": (_spec({"pp": 2, "schedule": "1f1b"}), _spec({"dp": 2, "zero": 2})),
-    "dp2_to_pp2_interleaved": (_spec({"dp": 2}), _spec({"pp": 2, "schedule": "interleaved", "vpp": 2})),
+    "pp2_interleaved_to_cp2z1": (_spec({"pp": 2, "schedule": "interleaved", "vpp": 2}), _spec({"cp": 2, "zero": 1})),
 }
 VIA_TRAIN = "dp2z1_to_tp2sp"           # resharded by train.resume_path (loom run's code), the rest by reshard()
 
@@ -158,3 +159,36 @@ def test_latest_ignores_resharded_copies(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / ".metadata").write_bytes(b"")
     assert checkpoint.latest(tmp_path).name == "step_00000002"
+
+
+def test_the_writer_builds_one_destination_tensor_at_a_time(tmp_path, monkeypatch):
+    """One process, no process group: a single-process checkpoint resharded to dp2 ZeRO-1 x tp2 (4 ranks, never
+    started). The destination's unit tensors are built as DCP writes them, and at most one built tensor (plus the
+    cached padded unit) is alive at any time; the result reads back to the source's state bit for bit."""
+    import weakref
+
+    from loom.executor import reshard as rs
+    from loom.executor.mesh import build_mesh
+    from loom.executor.trainer import Trainer
+    from loom.spec import spec_from_dict
+    src = spec_from_dict(_spec({}))
+    tr = Trainer(src, build_mesh(src.plan, "cpu"), torch.device("cpu"), 2)
+    tr.step()
+    ck = tr.save(tmp_path)
+    dst = spec_from_dict(_spec({"dp": 2, "tp": 2, "zero": 1}))
+    alive: list[weakref.ref] = []
+    most = [0]
+    build = rs._Units.build
+
+    def counting(self, key):
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        out = build(self, key)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(rs._Units, "build", counting)
+    rs.reshard(ck, src, dst, tmp_path / "dst")
+    n_keys = len(rs.layout(dst).keys()) - 5                      # minus step, consumed, loss_scale, opt_t, layout
+    assert len(alive) == n_keys and most[0] <= 1
+    a, b = rs.read_full(ck, rs.layout(src))[0], rs.read_full(tmp_path / "dst", rs.layout(dst))[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k][x], b[k][x]) for k in a for x in a[k])
