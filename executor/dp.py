@@ -145,10 +145,14 @@ class DataParallel:
     def _make_unit(self, params: list[nn.Parameter], index: int) -> Unit:
         n, dp = sum(p.numel() for p in params), self.dp.size
         padded = -(-n // dp) * dp
-        dev = params[0].device
-        full = torch.zeros(padded, dtype=torch.float32, device=dev)     # the initial values, fp32
-        decay = torch.zeros(padded, dtype=torch.bool, device=dev)
-        count = torch.zeros(padded, dtype=torch.bool, device=dev)
+        # The values are assembled where the parameters are; the unit lives on the model's device. A model built
+        # with its parameters left on the host (model.BuildCtx.params_on_host) thus sends the device only what
+        # this rank keeps: under ZeRO-3 its shard (the full buffer is a storage-less placeholder, gathered later).
+        src = params[0].device
+        dev = getattr(self.model, "loom_device", None) or src
+        full = torch.zeros(padded, dtype=torch.float32, device=src)     # the initial values, fp32
+        decay = torch.zeros(padded, dtype=torch.bool, device=src)
+        count = torch.zeros(padded, dtype=torch.bool, device=src)
         offsets, off, sp = [], 0, []
         for p in params:
             k = p.numel()
@@ -163,17 +167,26 @@ class DataParallel:
         per = padded // dp
         sharded = self.zero >= 1 and self.dp.active
         mine = slice(self.dp.rank * per, (self.dp.rank + 1) * per) if sharded else slice(0, padded)
-        if self.lowp:                                   # fp32 master of what this rank updates, apart
-            master = full[mine].clone() if sharded else full
-            flat = full.to(self.param_dtype)            # the parameters: the rounded master
+        own = slice(self.dp.rank * per, (self.dp.rank + 1) * per)
+        if self.zero == 3 and sharded:                  # only the shard reaches the device
+            master = full[mine].to(dev, copy=True)      # the fp32 master (fp32 training: also what is gathered)
+            flat = torch.empty(padded, dtype=self.param_dtype, device=dev)   # a placeholder, freed below
+            shard_lowp = master.to(self.param_dtype) if self.lowp else None
+        elif self.lowp:                                 # fp32 master of what this rank updates, apart
+            master = full[mine].to(dev, copy=True) if sharded else full.to(dev)
+            flat = full.to(dev, self.param_dtype)       # the parameters: the rounded master
+            shard_lowp = None
         else:                                           # fp32: the parameters are the master
-            flat = full
-            master = flat[mine].clone() if self.zero == 3 and sharded else flat[mine]
+            flat = full.to(dev)
+            master = flat[mine]
+            shard_lowp = None
         del full
         for p, o in zip(params, offsets):
             p.data = flat[o:o + p.numel()].view_as(p)
-        shard_lowp = flat[mine].clone() if self.lowp and self.zero == 3 and sharded else None
-        grad = torch.zeros(padded, dtype=self.grad_dtype, device=dev)
+        if self.zero == 3 and sharded:
+            _free(flat)                                 # gathered before use (_issue allocates it): one unit's
+                                                        # placeholder at a time is all the device sees of it
+        grad = torch.empty(padded, dtype=self.grad_dtype, device=dev)
         if self.zero == 0:
             shard_grad = None
         elif self.transient_grads:                      # the accumulator; the full buffer exists only while filled
@@ -181,9 +194,10 @@ class DataParallel:
             _free(grad)
         else:                                           # zero 1 (or one rank): reduced in place, a view
             shard_grad = grad[self.dp.rank * per:(self.dp.rank + 1) * per]
+        if not self.transient_grads:
+            grad.zero_()
         return Unit(params, offsets, padded, flat, grad, master, shard_lowp, shard_grad,
-                    decay[self.dp.rank * per:(self.dp.rank + 1) * per].clone(),
-                    count[self.dp.rank * per:(self.dp.rank + 1) * per].clone(), index, sp_params=sp)
+                    decay[own].to(dev, copy=True), count[own].to(dev, copy=True), index, sp_params=sp)
 
     # ---- zero 3 parameter gathering ----------------------------------------------------------------------
     def _issue(self, u: Unit) -> None:

@@ -6,7 +6,8 @@ of (seed, name, i), so each rank computes only the elements of its own TP shard 
 columns of a row-parallel one, its rows of the padded vocabulary table, whose padding rows are zeros) and every
 layout (dp, tp, sp, pp, cp, zero) still starts from exactly the single-process model: the premise of the parity
 tests. No full-size tensor of a sharded parameter exists on any rank; a tied head on another stage than the
-embedding computes its rows of the same table ("embed") again. Shards are built on the host and moved to the device.
+embedding computes its rows of the same table ("embed") again. Shards are built on the host and moved to the
+device (by DataParallel instead with `BuildCtx.params_on_host`: under ZeRO-3 only the DP shard reaches it).
 Init: normal(0, 0.02), with the residual output projections scaled by 1/sqrt(2·layers) (GPT-2, Radford et al. 2019
 §2.3); norms one, biases zero, learned positions normal(0, 0.01).
 
@@ -43,6 +44,9 @@ class BuildCtx:
     recompute: str = "none"
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Leave the parameters on the host: DataParallel then places each unit on `device` itself, so under ZeRO-3
+    # only this rank's DP shard ever reaches the device (executor/dp.py _make_unit). Off: Decoder moves them.
+    params_on_host: bool = False
 
     def _span(self, n: int) -> tuple[int, int]:
         """This TP rank's range of n split into tp parts (torch.chunk's: ceil(n / tp) each, the last may be short)."""
@@ -83,8 +87,8 @@ class Norm(nn.Module):
         m = ctx.model
         self.eps, self.kind = m.norm_eps, m.norm
         sp = ctx.sp and ctx.tp.active
-        self.weight = mark(nn.Parameter(torch.ones(m.hidden, device=ctx.device)), tp_split=False, sp_grad=sp, decay=False)
-        self.bias = mark(nn.Parameter(torch.zeros(m.hidden, device=ctx.device)), tp_split=False, sp_grad=sp,
+        self.weight = mark(nn.Parameter(torch.ones(m.hidden)), tp_split=False, sp_grad=sp, decay=False)
+        self.bias = mark(nn.Parameter(torch.zeros(m.hidden)), tp_split=False, sp_grad=sp,
                          decay=False) if m.norm == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +204,9 @@ class Decoder(nn.Module):
             cos, sin = ops.rope_tables(m.seq_len, m.d_head, m.rope_theta, ctx.device)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
-        self.to(ctx.device)            # the host-drawn shards (Module.to keeps the Parameter objects and marks)
+        self.loom_device = ctx.device  # where the parameters live in training (DataParallel places them there)
+        if not ctx.params_on_host:
+            self.to(ctx.device)        # the host-built shards (Module.to keeps the Parameter objects and marks)
 
     def rope(self):
         return (self.cos, self.sin) if self.spec.position == "rope" else None

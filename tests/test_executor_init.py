@@ -148,3 +148,66 @@ def test_a_tp4_rank_draws_a_quarter_of_the_elements(position):
         assert DRAWN["elements"] == (single - pos) // 4 + pos, (r, DRAWN["elements"], single)
         total += DRAWN["elements"] - pos
     assert total == single - pos                             # no element drawn by two ranks
+
+
+# ---- ZeRO-3 from host-built parameters (BuildCtx.params_on_host; executor/dp.py _make_unit) -----------------------
+def _units(m: ModelSpec, zero: int, dtype: torch.dtype, on_host: bool, device: str = "cpu"):
+    from loom.executor.dp import DataParallel
+    tp = Group("tp", None, 2, 1)
+    dec = Decoder(BuildCtx(m, tp, seed=7, device=torch.device(device), params_on_host=on_host))
+    return dec, DataParallel(dec, Group("dp", None, 2, 1), tp, zero, 0.01, layer_units=list(dec.layers),
+                             param_dtype=dtype)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_units_from_host_built_parameters_equal_the_default_build(zero, dtype):
+    """Leaving the parameters on the host changes where the values are assembled, not what the units hold: masters,
+    low-precision shards, masks and parameters equal the default build bit for bit (on CPU host and device
+    coincide; what reaches a CUDA device is checked by the gpu test below)."""
+    m = ModelSpec(**GPT)
+    (d0, a), (d1, b) = _units(m, zero, dtype, False), _units(m, zero, dtype, True)
+    assert len(a.units) == len(b.units)
+    for u, v in zip(a.units, b.units):
+        assert u.numel == v.numel and u.offsets == v.offsets
+        for x, y in ((u.shard_param, v.shard_param), (u.decay, v.decay), (u.count, v.count),
+                     (u.shard_lowp, v.shard_lowp)):
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+        assert u.flat.dtype == v.flat.dtype == dtype
+        if zero == 3:                                        # released: gathered before use
+            assert u.flat.untyped_storage().nbytes() == v.flat.untyped_storage().nbytes() == 0
+        else:
+            assert torch.equal(u.flat, v.flat)
+    for (n, p), (_, q) in zip(d0.named_parameters(), d1.named_parameters()):
+        assert p.dtype == q.dtype and p.shape == q.shape, n
+        if zero < 3:
+            assert torch.equal(p, q), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_zero3_from_the_host_never_puts_the_tp_shard_on_the_device():
+    """ZeRO-3 over dp = 8 (bf16 parameters, fp32 masters and gradients) from host-built parameters: the device's
+    peak while building is the state it keeps (this rank's DP shards: (4 + 2 + 1 + 1 + 4) / 8 = 1.5 bytes per
+    parameter of the TP shard) plus at most one unit's placeholders (bf16 buffer + fp32 gradient, allocated and
+    freed at once), below the fp32 TP shard (4 bytes per parameter) that the default build puts there first."""
+    m = ModelSpec(**{**GPT, "layers": 8, "hidden": 512, "ffn_hidden": 2048, "heads": 8, "kv_heads": 8,
+                     "vocab": 4096})
+    from loom.executor.dp import DataParallel
+    tp = Group("tp", None, 2, 1)
+    peak, state = {}, {}
+    for on_host in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        dec = Decoder(BuildCtx(m, tp, seed=7, device=torch.device("cuda"), params_on_host=on_host))
+        dp = DataParallel(dec, Group("dp", None, 8, 3), tp, 3, 25, layer_units=list(dec.layers),
+                          param_dtype=torch.bfloat16)
+        peak[on_host] = torch.cuda.max_memory_allocated() - base
+        state[on_host] = torch.cuda.memory_allocated() - base
+        n_tp = sum(p.numel() for p in dec.parameters())
+        biggest_unit = max(u.numel for u in dp.units)
+        del dec, dp
+    assert state[True] == state[False] and state[True] <= 1.6 * n_tp, (state, n_tp)
+    assert peak[False] >= 4 * n_tp, (peak, n_tp)
+    assert peak[True] <= state[True] + 6 * biggest_unit + 2**20 < 4 * n_tp, (peak, state, biggest_unit, n_tp)
