@@ -28,12 +28,12 @@ WORLD = 2
 LOSS_TOL = 1e-5                        # the parity suite's (docs/executor.md), relative
 
 
-def _spec(par: dict, model: dict | None = None, optimizer: str = "adamw") -> dict:
+def _spec(par: dict, model: dict | None = None, optimizer: str = "adamw", **training) -> dict:
     par = {"bucket_MB": 0.01, **par}
     size = par.get("dp", 1) * par.get("tp", 1) * par.get("pp", 1) * par.get("cp", 1)
     return {"model": copy.deepcopy(model or MODEL), "cluster": {"gpu": "cpu", "gpus_per_node": size},
             "training": {"global_batch": 8, "micro_batch": 2, "precision": "fp32", "lr": 3e-3, "optimizer": optimizer,
-                         "warmup_steps": 1, "grad_clip": 1.0, "weight_decay": 0.1},
+                         "warmup_steps": 1, "grad_clip": 1.0, "weight_decay": 0.1, **training},
             "parallel": par}
 
 
@@ -163,8 +163,9 @@ def test_latest_ignores_resharded_copies(tmp_path):
 
 def test_the_writer_builds_one_destination_tensor_at_a_time(tmp_path, monkeypatch):
     """One process, no process group: a single-process checkpoint resharded to dp2 ZeRO-1 x tp2 (4 ranks, never
-    started). The destination's unit tensors are built as DCP writes them, and at most one built tensor (plus the
-    cached padded unit) is alive at any time; the result reads back to the source's state bit for bit."""
+    started) with a global batch of 16 instead of 8. The destination's unit tensors are built as DCP writes them,
+    and at most one built tensor (plus the cached padded unit) is alive at any time; the result reads back to the
+    source's state bit for bit; the data position carries over and the new batch size reads on from it."""
     import weakref
 
     from loom.executor import reshard as rs
@@ -175,7 +176,7 @@ def test_the_writer_builds_one_destination_tensor_at_a_time(tmp_path, monkeypatc
     tr = Trainer(src, build_mesh(src.plan, "cpu"), torch.device("cpu"), 2)
     tr.step()
     ck = tr.save(tmp_path)
-    dst = spec_from_dict(_spec({"dp": 2, "tp": 2, "zero": 1}))
+    dst = spec_from_dict(_spec({"dp": 2, "tp": 2, "zero": 1}, global_batch=16))
     alive: list[weakref.ref] = []
     most = [0]
     build = rs._Units.build
@@ -190,5 +191,33 @@ def test_the_writer_builds_one_destination_tensor_at_a_time(tmp_path, monkeypatc
     rs.reshard(ck, src, dst, tmp_path / "dst")
     n_keys = len(rs.layout(dst).keys()) - 5                      # minus step, consumed, loss_scale, opt_t, layout
     assert len(alive) == n_keys and most[0] <= 1
-    a, b = rs.read_full(ck, rs.layout(src))[0], rs.read_full(tmp_path / "dst", rs.layout(dst))[0]
+    (a, sa), (b, sb) = rs.read_full(ck, rs.layout(src)), rs.read_full(tmp_path / "dst", rs.layout(dst))
     assert a.keys() == b.keys() and all(torch.equal(a[k][x], b[k][x]) for k in a for x in a[k])
+    assert sa == sb and int(sb["consumed"]) == 8 and int(sb["step"]) == int(sb["opt_t"]) == 1
+    from loom.executor.data import Batches, TokenData
+    data = TokenData(dst.data, MODEL["seq_len"], dst.training.seed, MODEL["vocab"])
+    ids, _ = Batches(data, 16, 2, 2, 0, torch.device("cpu")).micro_batches(int(sb["consumed"]))[0]
+    assert torch.equal(ids[0], torch.from_numpy(data.sequence(8)[:-1].astype("int64")).to(ids.dtype))
+    # turning to fp16 (a GPU precision): the loss scale restarts at fp16's initial 2^16 (it was 1.0: no scaling)
+    fp16 = dst.model_copy(update={"training": dst.training.model_copy(update={"precision": "fp16"})})
+    rs.reshard(ck, src, fp16, tmp_path / "fp16")
+    assert float(sa["loss_scale"]) == 1.0
+    assert float(rs.read_full(tmp_path / "fp16", rs.layout(fp16))[1]["loss_scale"]) == 2.0 ** 16
+
+
+def test_what_needs_resharding():
+    """A checkpoint loads as it is when the units and fingerprints are the same (sp, the mesh order and bf16 vs fp32
+    change nothing a rank saves); a change of the units (dp even where the padding happens to match, bucket_MB,
+    grad_dtype) or a turn to fp16 (its loss scale) goes through reshard."""
+    from loom.executor.reshard import same_layout
+    from loom.spec import spec_from_dict
+    tp2 = spec_from_dict(_spec({"tp": 2}))
+    assert same_layout(tp2, spec_from_dict(_spec({"tp": 2, "sp": True})))
+    assert same_layout(tp2, spec_from_dict(_spec({"tp": 2}, precision="bf16")))
+    assert same_layout(spec_from_dict(_spec({"tp": 2, "dp": 2})),
+                       spec_from_dict(_spec({"tp": 2, "dp": 2, "mesh": ["pp", "cp", "tp", "dp"]})))
+    fp16 = tp2.model_copy(update={"training": tp2.training.model_copy(update={"precision": "fp16"})})   # a GPU's
+    assert not same_layout(tp2, fp16)
+    assert not same_layout(tp2, spec_from_dict(_spec({"tp": 2, "bucket_MB": 0.02})))
+    assert not same_layout(tp2, spec_from_dict(_spec({"tp": 2}, grad_dtype="bf16")))
+    assert not same_layout(spec_from_dict(_spec({})), spec_from_dict(_spec({"dp": 2})))

@@ -80,7 +80,8 @@ def test_measured_exposed_comm_counts_only_uncovered_time():
 
 # ---- names, full shapes and TP splits (checkpoint resharding, executor/reshard.py) against the real modules -------
 @pytest.mark.parametrize("model,tp,first,last", [
-    ({}, 1, True, True), ({}, 2, True, True), ({"bias": True, "norm": "layernorm", "activation": "gelu"}, 2, True, True),
+    ({}, 1, True, True), ({}, 2, True, True),
+    ({"bias": True, "norm": "layernorm", "activation": "gelu"}, 2, True, True),
     ({"position": "learned"}, 1, True, False), ({"tied_embeddings": False}, 2, False, True),
     ({"tied_embeddings": False, "position": "learned"}, 2, True, True), ({}, 2, False, False),
     ({"vocab": 259}, 2, True, True), ({"vocab": 259, "tied_embeddings": False}, 2, False, True)])
@@ -123,4 +124,5 @@ def test_param_names_shapes_and_splits_match_the_executor(model, tp, first, last
         if q.split is not None:        # the shards concatenate to the full tensor; the vocabulary padding is zeros
             full = torch.cat(shards[q.name], q.split)
             assert full.shape[q.split] >= q.shape[q.split]
-            assert torch.count_nonzero(full.narrow(q.split, q.shape[q.split], full.shape[q.split] - q.shape[q.split])) == 0
+            pad = full.narrow(q.split, q.shape[q.split], full.shape[q.split] - q.shape[q.split])
+            assert torch.count_nonzero(pad) == 0
