@@ -19,6 +19,12 @@ same fixed rules (no per-run tuning) and its predicted per-GPU peak is compared 
   to Loom's full, torchtitan's per-op selective AC ("per-op SAC") to Loom's "op" (the same policy:
   simulator/activations.py op_layer_bytes), any other "selective" to Loom's selective, nothing to none.
 - GPU: the run's memory size (H100 96 GB variant, H200 141 GB); only `fits` depends on it.
+- loss and LM head (`assumptions_for`; simulator/memory.py `_logits_bytes`), by the torchtitan version the source
+  names: at 9dec370 (the d4c86e37 docs, Dec 2024) the loss runs eager (train.py: "compiling loss function causes
+  CUDA errors, turning off for now"), as torch's loss_parallel when tp > 1 (parallel_dims.loss_parallel_enabled:
+  tp > 1 unless disabled); at e7c0cae (the June 2025 H200 benchmark, b5bcd76c) components/loss.py
+  build_cross_entropy_loss compiles it when training.compile is set, which those runs set. torchtitan's head is
+  DTensor ColwiseParallel(input_layouts=Shard(1)) at both versions: under SP it saves its all-gathered input.
 
 Run: `python benchmarks/memory_accuracy.py` (prints a table, the median and p90 absolute error).
 """
@@ -30,6 +36,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from loom.simulator.activations import ActivationAssumptions
 from loom.simulator.memory import CUDA_CONTEXT_BYTES, GiB, memory_report
 from loom.spec import spec_from_dict
 
@@ -42,6 +49,7 @@ class Comparison:
     recompute: str
     predicted_GiB: float
     measured_GiB: float
+    loss: str = "unfused"
 
     @property
     def error(self) -> float:
@@ -66,6 +74,21 @@ def recompute_for(stated: str | None) -> str:
     if "per-op" in v:
         return "op"
     return "selective" if "selective" in v else "none"
+
+
+# torchtitan versions named by the compared runs' sources, and whether that version compiles the loss when
+# training.compile is set (torchtitan bbb1b616, Apr 2025, added torch.compile(loss_fn) to build_cross_entropy_loss).
+TORCHTITAN_COMPILES_LOSS = {"d4c86e37": False, "b5bcd76c": True}
+
+
+def assumptions_for(run: dict) -> ActivationAssumptions:
+    """What the run's stack keeps at the loss (the rule for every run; module docstring)."""
+    versions = [k for k in TORCHTITAN_COMPILES_LOSS if k in run["source"]]
+    if len(versions) != 1:
+        raise ValueError(f"{run['id']}: source {run['source']!r} names no known torchtitan version")
+    compiled = TORCHTITAN_COMPILES_LOSS[versions[0]] and "compile" in run["precision"].lower()
+    loss = "compiled" if compiled else ("loss_parallel" if run["parallel"]["tp"] > 1 else "unfused")
+    return ActivationAssumptions(loss=loss, sp_gathered_head_input=True)
 
 
 def spec_dict_for_run(run: dict) -> dict:
@@ -102,10 +125,11 @@ def compare(runs_path: Path = RUNS) -> list[Comparison]:
     out = []
     for run in runs:
         d = spec_dict_for_run(run)
-        report = memory_report(spec_from_dict(d))
+        a = assumptions_for(run)
+        report = memory_report(spec_from_dict(d), a)
         measured = run["measured"].get("peak_mem_GiB") or run["measured"]["peak_mem_GB"] * 1e9 / GiB
         out.append(Comparison(run["id"], d["training"]["recompute"],
-                              (report.peak_bytes - CUDA_CONTEXT_BYTES) / GiB, measured))
+                              (report.peak_bytes - CUDA_CONTEXT_BYTES) / GiB, measured, a.loss))
     return out
 
 
@@ -123,9 +147,10 @@ def summary(rows: list[Comparison]) -> dict[str, float]:
 
 def main() -> int:
     rows = compare()
-    print(f"{'run':48s} {'recompute':9s} {'pred GiB':>9s} {'meas GiB':>9s} {'error':>7s}")
+    print(f"{'run':48s} {'recompute':9s} {'loss':13s} {'pred GiB':>9s} {'meas GiB':>9s} {'error':>7s}")
     for r in rows:
-        print(f"{r.run_id:48s} {r.recompute:9s} {r.predicted_GiB:9.1f} {r.measured_GiB:9.1f} {r.error:+7.1%}")
+        print(f"{r.run_id:48s} {r.recompute:9s} {r.loss:13s} {r.predicted_GiB:9.1f} {r.measured_GiB:9.1f} "
+              f"{r.error:+7.1%}")
     groups = {"all": rows, "full recompute": [r for r in rows if r.recompute == "full"],
               "per-op SAC (Loom op)": [r for r in rows if r.recompute == "op"]}
     for name, group in groups.items():

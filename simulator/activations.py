@@ -34,11 +34,28 @@ class ActivationAssumptions:
     GELU model reproduces Korthikanti's Table 2 exactly.
     `norm_statistics`: also count the norms' fp32 per-row statistics, which Korthikanti's count leaves out (a few
     bytes per token): RMSNorm's rstd (loom.kernels' RMSNorm, kernels/rmsnorm.py; TransformerEngine's rsigma),
-    LayerNorm's mean and rstd (F.layer_norm saves both); 4 bytes per statistic per token, two norms per layer."""
+    LayerNorm's mean and rstd (F.layer_norm saves both); 4 bytes per statistic per token, two norms per layer.
+    `loss`: the cross-entropy implementation, which sets what the last stage keeps and needs at the loss backward
+    (simulator/memory.py `_logits_bytes`): "unfused" (eager aten cross-entropy on an fp32 copy of the logits, the
+    default), "loss_parallel" (torch.distributed.tensor.parallel.loss_parallel, eager: torchtitan's loss under TP)
+    or "compiled" (the same loss under torch.compile: torchtitan since bbb1b616, Apr 2025, with training.compile).
+    `sp_gathered_head_input`: with sequence parallelism the LM head saves its all-gathered (full-sequence) input,
+    as DTensor's ColwiseParallel(input_layouts=Shard(1)) does (torchtitan's "output" plan); Megatron-LM and Loom's
+    executor (executor/tp.py column_parallel_linear) save the sequence shard and all-gather it again in the
+    backward, which is the default."""
     flash_attention: bool = True
     dropout: bool = False
     swiglu_saved_tensors: int = 4
     norm_statistics: bool = False
+    loss: str = "unfused"
+    sp_gathered_head_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"ActivationAssumptions.loss = {self.loss!r}: use one of {LOSS_IMPLEMENTATIONS}")
+
+
+LOSS_IMPLEMENTATIONS = ("unfused", "loss_parallel", "compiled")
 
 
 DEFAULT = ActivationAssumptions()

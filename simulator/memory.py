@@ -253,20 +253,42 @@ def _comm_buffers(spec: Spec, stage: int, tokens: float) -> int:
     return int(total)
 
 
-def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int) -> tuple[float, float]:
-    """Last stage, per micro-batch in flight and as a one-off transient.
+def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int,
+                  a: ActivationAssumptions = DEFAULT) -> tuple[float, float]:
+    """Last stage, per micro-batch in flight (saved until the backward) and as a one-off transient at the loss
+    backward, for the loss implementation `a.loss`. Below T = tokens, v = the padded vocabulary / tp (the head is
+    vocabulary-parallel) and L = 4·T·v, the fp32 (T, v) logits.
 
-    Saved until the backward (Korthikanti §4.3, Megatron's 4·sbh·(1 + v/h) for the output layer): the final
-    norm's input and output (2·sbh each, sharded under SP) and the fp32 log-softmax output the cross-entropy
-    backward needs (4·sb·v, vocabulary-parallel so divided by tp).
-    Transient, once (unfused PyTorch cross-entropy on fp32 logits, as torchtitan and nanoGPT run it): in the loss
-    backward the gradient of the log-probs and the gradient of the fp32 logits, 4·sb·v each, coexist with the
-    saved log-probs. Megatron's fused vocab-parallel cross-entropy needs less; Loom states the larger figure.
+    Saved by the final norm and the head (Korthikanti §4.3, Megatron's 4·sbh·(1 + v/h) for the output layer): the
+    norm's input and output, act·T·h each, sharded over tp under SP - except that with `a.sp_gathered_head_input`
+    the head saves its all-gathered input, act·T·h (DTensor ColwiseParallel(input_layouts=Shard(1)): the input is
+    redistributed to Replicate before the matmul, which saves it for the weight gradient; torchtitan's "output"
+    plan, torchtitan/parallelisms/parallelize_llama.py @d4c86e37 apply_tp).
+
+    The loss, by implementation (each one's backward moment is its larger one, so the transient is that moment's):
+    - "unfused" (F.cross_entropy on `pred.flatten(0, 1).float()`, torchtitan's loss_fn, nanoGPT likewise): saved:
+      the fp32 log-probs, L (log_softmax's backward reads its output). Backward: nll_loss's gradient (zeros plus
+      a scatter) and log_softmax's, L each, beside the saved L: transient 2L. (Forward: the bf16 logits, the fp32
+      copy and the log-probs, 2.5L; torchtitan frees the bf16 logits before the backward: train.py `del pred`.)
+    - "loss_parallel" (torch/distributed/tensor/parallel/loss.py, torchtitan's loss under TP): saved: the log-probs,
+      L. Its backward (`_nll_loss_and_log_softmax_backward`) fuses log_softmax's: grad_input = zeros_like(x), then
+      (grad_input + exp(x)) * grad_output, so grad_input, exp(x) and their sum (then the product) coexist with the
+      saved x: transient 3L. (Forward `_log_softmax`: the bf16 logits, x, shifted and exp(shifted): 3.5L.)
+    - "compiled" (torch.compile of that loss: AOTAutograd's min-cut partitioner over inductor's decompositions):
+      the forward saves the bf16 logits, act·T·v, and two fp32 values per row (the max and the log-sum-exp), and
+      the backward kernel recomputes the softmax and writes only the logits' gradient, act·T·v, plus one fp32
+      value per row: transient act·T·v + 4·T. (Forward: nothing (T, v)-sized beyond the logits.)
+    Megatron's fused vocab-parallel cross-entropy needs less than "unfused". The three are checked against the
+    torch sources run on CPU in tests/test_memory_model.py.
     """
     v = padded_vocab(m.vocab, tp) / tp
-    saved = 2 * act * tokens * m.hidden / (tp if sp else 1) + FP32 * tokens * v
-    transient = 2 * FP32 * tokens * v
-    return saved, transient
+    norm_in = act * tokens * m.hidden / (tp if sp else 1)
+    head_in = act * tokens * m.hidden if (sp and a.sp_gathered_head_input) else norm_in
+    L = FP32 * tokens * v
+    if a.loss == "compiled":
+        return norm_in + head_in + act * tokens * v + 2 * FP32 * tokens, act * tokens * v + FP32 * tokens
+    transient = 3 * L if a.loss == "loss_parallel" else 2 * L
+    return norm_in + head_in + L, transient
 
 
 # ---- the report --------------------------------------------------------------------------------------------
@@ -299,7 +321,7 @@ def stage_memory(spec: Spec, stage: int, assumptions: ActivationAssumptions = DE
                                   if assumptions.dropout else 0))
     logits = workspace = 0.0
     if stage == p.pp - 1:
-        saved, transient = _logits_bytes(m, tokens, p.tp, p.sp, act)
+        saved, transient = _logits_bytes(m, tokens, p.tp, p.sp, act, assumptions)
         last_mbs = m_steps if p.schedule == "afab" else 1                 # 1F1B: the last stage holds one
         logits = last_mbs * saved
         workspace = transient
