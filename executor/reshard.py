@@ -135,7 +135,7 @@ def check_compatible(src: Spec, dst: Spec) -> None:
     diff = [f"model.{k} = {b[k]!r} (the checkpoint's: {a[k]!r})" for k in a if a[k] != b[k]]
     if diff:
         raise ValueError(f"the checkpoint was written for another model: {'; '.join(diff)}. A checkpoint resumes "
-                         "the model that wrote it (only [parallel] and the precision may change); restore these "
+                         "the model that wrote it ([parallel], precision and batch sizes may change); restore these "
                          "fields or start a fresh run in another run.out_dir")
     if (src.training.optimizer == "sgd") != (dst.training.optimizer == "sgd"):
         raise ValueError(f"training.optimizer = {dst.training.optimizer!r} but the checkpoint holds "
