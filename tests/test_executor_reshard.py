@@ -16,6 +16,7 @@ buckets (bucket_MB 0.01) give several units per rank. A last test checks the wri
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,58 @@ def test_what_needs_resharding():
     assert not same_layout(tp2, spec_from_dict(_spec({"tp": 2, "bucket_MB": 0.02})))
     assert not same_layout(tp2, spec_from_dict(_spec({"tp": 2}, grad_dtype="bf16")))
     assert not same_layout(spec_from_dict(_spec({})), spec_from_dict(_spec({"dp": 2})))
+
+
+RUN_SPEC = """
+[model]
+layers = 2
+hidden = 32
+heads = 4
+kv_heads = 2
+ffn_hidden = 64
+vocab = 257
+seq_len = 16
+[cluster]
+gpu = "cpu"
+gpus_per_node = 2
+[training]
+global_batch = 8
+micro_batch = 2
+precision = "{precision}"
+lr = 1e-2
+[parallel]
+{parallel}
+[run]
+out_dir = "{out}"
+checkpoint_every = 2
+"""
+
+
+@pytest.mark.slow
+def test_loom_run_resumes_under_another_layout(tmp_path, capfd):
+    """`loom run` end to end (torchrun, 2 gloo ranks): 2 steps in dp2 ZeRO-1 fp32, then the spec changed to tp2+SP
+    bf16: the run reshards the step-2 checkpoint by itself, says so in one line, and continues at step 3; a model
+    change is then refused with the field named."""
+    from loom.executor.launch import run_from_cli
+    out = tmp_path / "out"
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(RUN_SPEC.format(precision="fp32", parallel="dp = 2\nzero = 1", out=out))
+    b.write_text(RUN_SPEC.format(precision="bf16", parallel="tp = 2\nsp = true", out=out))
+    assert run_from_cli(str(a), steps=2) == 0
+    assert run_from_cli(str(b), steps=4) == 0
+    text = capfd.readouterr().out
+    lines = [x for x in text.splitlines() if "resharded" in x]
+    assert len(lines) == 1 and "(dp 2, tp 1, pp 1, cp 1, zero 1, fp32)" in lines[0] \
+        and "(dp 1, tp 2 sp, pp 1, cp 1, zero 0, bf16)" in lines[0], text
+    assert "resumed from" in text and "step_00000002.dp1-tp2-pp1-cp1-z0-" in text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert abs(rows[2]["loss"] - rows[1]["loss"]) < 0.5 * (rows[0]["loss"] - rows[1]["loss"]) + 0.05  # no restart
+    # a model change: refused on every rank by resume_path (what the run calls) before anything is loaded
+    from loom.executor import checkpoint
+    from loom.executor.train import resume_path
+    from loom.spec import load_spec
+    c = tmp_path / "c.toml"
+    c.write_text(RUN_SPEC.format(precision="bf16", parallel="tp = 2", out=out).replace("hidden = 32", "hidden = 64"))
+    with pytest.raises(ValueError, match=r"model\.hidden = 64 \(the checkpoint's: 32\)"):
+        resume_path(checkpoint.latest(out), load_spec(str(c)))
