@@ -34,6 +34,7 @@ from .dp import DataParallel
 from .mesh import Mesh
 from .model import BuildCtx, Decoder
 from .optim import FlatAdamW, LossScaler, clip_, global_grad_norm, lr_at, wsd_decay_start
+from .reshard import write_spec
 
 OpHook = Callable[[Any, float, float], None]      # (plan op, start_s, end_s), time.perf_counter() clock
 ADAM_BETAS = (0.9, 0.95)        # GPT-3 (Brown et al. 2020, App. B) and Llama (Touvron et al. 2023 §2.2)
@@ -309,7 +310,6 @@ class Trainer:
     def save(self, out_dir: str | Path) -> Path:
         """Every rank saves its keys; rank 0 first records the spec (loom_spec.json: what executor/reshard.py needs
         to resume under another layout) - before DCP's .metadata, which marks the checkpoint complete."""
-        from .reshard import write_spec
         path = checkpoint.step_dir(out_dir, self.step_no)
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_spec(self.spec, path)
