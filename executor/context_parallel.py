@@ -43,7 +43,7 @@ def apply_context_parallel(decoder: nn.Module, cp: Group, layout: Layout = "zigz
     decoder.loom_cp = (cp.size, cp.rank, layout)
     spec = decoder.spec
     check_split(spec.seq_len, cp.size, layout)
-    device = next(decoder.parameters()).device
+    device = getattr(decoder, "loom_device", None) or next(decoder.parameters()).device   # ZeRO-3: still on host
     pos = token_positions(spec.seq_len, cp.size, cp.rank, layout).to(device)
     decoder.position_ids = pos                       # learned position embeddings read these rows (model.py)
     if spec.position == "rope":

@@ -82,7 +82,8 @@ class Stage:
         self.spec, self.plan, self.groups = spec, plan, groups
         self.pp, self.tp, self.cp, self.dpcp = groups["pp"], groups["tp"], groups["cp"], groups["dp+cp"]
         self.stage, self.cp_layout = self.pp.rank, cp_layout
-        ctx = BuildCtx(m, self.tp, p.sp, t.recompute, t.seed, torch.device(device))
+        ctx = BuildCtx(m, self.tp, p.sp, t.recompute, t.seed, torch.device(device),
+                       params_on_host=p.zero == 3)          # ZeRO-3: only the DP shard reaches the device
         n_virtual = p.pp * len(plan.stage_chunks[self.stage])
         self.decoders: list[Decoder] = []
         for c, layers in enumerate(plan.stage_chunks[self.stage]):

@@ -74,7 +74,8 @@ class Trainer:
         # executor has no fp8 GEMMs, so it runs bf16 autocast, which is also what the plan counts for fp8's
         # activations and parameters (spec/compile.py: fp8 keeps activations bf16)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(t.precision)
-        self.ctx = BuildCtx(m, mesh.tp, p.sp, t.recompute, t.seed, device)
+        # ZeRO-3: the model's parameters stay on the host until DataParallel sends each rank its shard
+        self.ctx = BuildCtx(m, mesh.tp, p.sp, t.recompute, t.seed, device, params_on_host=p.zero == 3)
         self.plan = compile_plan(spec)
         grad_dtype = torch.bfloat16 if t.grad_dtype == "bf16" else torch.float32
         self.stage = None

@@ -154,7 +154,7 @@ def measure_layer_overhead(budget: Budget) -> dict:
     from loom.spec.model import ModelSpec
     dev, dtype, _, sync = _device()
     m = ModelSpec(layers=1, hidden=32, heads=2, kv_heads=2, ffn_hidden=64, vocab=64, seq_len=8)
-    block = Block(BuildCtx(m, device=dev), 0).to(dtype)
+    block = Block(BuildCtx(m, device=dev), 0).to(dev, dtype)     # a bare Block is built on the host
     from loom.executor import ops
     cos, sin = ops.rope_tables(m.seq_len, m.d_head, m.rope_theta, dev)
     x = torch.randn(m.seq_len, 1, m.hidden, device=dev, dtype=dtype, requires_grad=True)

@@ -6,7 +6,7 @@ examples, and the Trainer path equals the single-process reference.
 - Parity (one pool of 2 gloo ranks, `loom.executor.parity.run_case`, which drives `Trainer`): pp2 1F1B, pp2
   interleaved, cp2 zigzag and cp2 with learned positions (GPT-2 style: `Decoder.position_ids`) against the same spec
   on one process (run as 2 independent replicas); losses and grad norms relative 1e-5, final parameters (gathered
-  over pp by `Trainer.full_state`) relative 1e-5 per tensor (the tolerances of tests/test_executor_parity.py);
+  over pp by `Trainer.full_state`) relative 3e-4 per tensor (derived at PARAM_TOL);
   and a pp2 checkpoint/resume equal to the uninterrupted run. On 4 ranks: tied embeddings with dp2×pp2 ZeRO-2 and
   ZeRO-3 (AFAB), which reduce once per step under PP (the plan's rule) and so take the cross-stage tied sum.
 """
@@ -100,7 +100,17 @@ def test_trainer_pp_cp_equals_single_process(results, name, ref):
     assert res["params"].keys() == want["params"].keys()        # every stage's names, as the single process
     noise = [k for k in want["params"] if k.endswith("attn.k.bias")]    # exactly-zero true gradient
     worst = max((_rel(res["params"][k], want["params"][k]), k) for k in want["params"] if k not in noise)
-    assert worst[0] < (3e-5 if name.startswith("gpt2") else 1e-5), worst     # GELU: tests/test_executor_parity
+    assert worst[0] < PARAM_TOL, worst
+
+
+# Parameters after 3 AdamW steps, per tensor ||a - b|| / ||b||. A layout reorders fp32 additions (~1e-7 relative per
+# add); Adam's m/sqrt(v) passes that on unamplified where the gradient is large, but turns an element whose gradient
+# is at rounding level into a step of up to lr in either direction, so the per-tensor error depends on how many
+# such elements the draw has: measured over init seeds 0-3, <= 2.2e-5 (cp2) and <= 1.6e-4 (tied dp2 x pp2 ZeRO-2/3,
+# seed 1), where the losses and grad norms stay within 1e-5. A layout bug (a dropped, doubled or misplaced
+# gradient shard) moves a tensor by a whole update, lr·steps / std = 3e-3·3 / 0.02 ~ 0.45 relative: bound 3e-4
+# sits 1,500x below that and ~2x above the worst measured noise.
+PARAM_TOL = 3e-4
 
 
 def test_trainer_pp_checkpoint_resume_continues_exactly(results):
@@ -116,7 +126,9 @@ def test_trainer_pp_checkpoint_resume_continues_exactly(results):
 @pytest.mark.parametrize("example", ["tiny-cpu-pp.toml", "tiny-cpu-cp.toml"])
 def test_loom_run_trains_the_pp_and_cp_examples(tmp_path, capfd, example):
     """The real entry point (torchrun, 2 gloo ranks): 3 steps with a checkpoint, then a resume to 4; the example's
-    model and data, its loss falls from ln(257) ≈ 5.55."""
+    model and data, its loss falls from its initial value: ln(257) + σ²/2 = 5.575 for logits of variance
+    σ² = 0.02²·hidden = 0.051 (head weights of std 0.02 on RMS-normalised inputs; lse of V logits ~ N(0, σ²) is
+    ln V + σ²/2), give or take the one batch's sampling (measured 5.54-5.66 over 8 init seeds)."""
     spec = tmp_path / example
     text = (ROOT / "examples" / example).read_text()
     text = text.replace("checkpoint_every = 15", "checkpoint_every = 3")
@@ -128,7 +140,7 @@ def test_loom_run_trains_the_pp_and_cp_examples(tmp_path, capfd, example):
     assert ("pp 2 1f1b" in out) if "pp" in example else ("cp 2" in out)
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    assert abs(rows[0]["loss"] - 5.55) < 0.1 and rows[-1]["loss"] < rows[0]["loss"] - 0.8
+    assert abs(rows[0]["loss"] - 5.575) < 0.15 and rows[-1]["loss"] < rows[0]["loss"] - 0.8
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
 
 
