@@ -117,6 +117,8 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
     n_steps = len(ranks[0]["steps"])
     timed = list(range(1, n_steps)) or [0]                 # step 0 is warm-up
     cuda = ranks[0]["device"].startswith("cuda")
+    # the peak rows (CUDA): with the executor's loss on that device (one GPU without TP: the fused kernel)
+    cuda_mem = memory_report(spec, vp.executor_assumptions(spec, ranks[0]["device"])) if cuda else mem
     rows: list[Row] = []
     warm = f"mean of {len(timed)} step(s) after 1 warm-up" if n_steps > 1 else "1 step, no warm-up (use --steps >= 2)"
 
@@ -238,11 +240,11 @@ def compare(spec, measured: dict, profile: Any = None, tol: dict[str, float | No
             # The memory model's peak = allocated + overhead, overhead = CUDA context + 5 % fragmentation
             # (simulator/memory.py): allocated compares with max_memory_allocated, allocated + fragmentation with
             # max_memory_reserved (the caching allocator's pool); the context is outside both.
-            # On one GPU without TP the executor's loss is the fused kernel, not the memory model's unfused one.
-            loss = vp.fused_loss_delta(spec, stage, st.workspace, _recompute_transient(spec) if layers else 0.0,
-                                       ranks[0]["device"])
-            why = f"; fused loss {loss / 2**30:+.2f} GiB (verify_predict.fused_loss_delta)" if loss else ""
-            allocated = st.peak - st.overhead + loss
+            # On one GPU without TP the executor's loss is the fused kernel (memory model loss "fused_chunked")
+            cuda_st = cuda_mem.per_stage[stage]
+            why = "; loss: fused_chunked (verify_predict.executor_assumptions)" \
+                if vp.uses_fused_loss(spec, ranks[0]["device"]) else ""
+            allocated = cuda_st.peak - cuda_st.overhead
             rows.append(Row(f"peak memory allocated (stage {stage})", allocated, m["max_memory_allocated"],
                             tol["peak_memory"], "B", st.peak,
                             "memory model peak without context and fragmentation" + why))

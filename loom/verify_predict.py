@@ -19,10 +19,11 @@ Executor rules used (each from the named file):
 - Model states: no formula here. The state rows compare the executor's measured bytes with the memory model's
   (simulator/memory.py stage_memory), which counts the executor's layout (dp.py: padded units; ZeRO-1 the full
   gradient buffer, reduced in place; ZeRO-2/3 the grad_dtype shard accumulator) - one figure for both;
-  `state_notes` names where fp32 master/working copies (bf16) or SGD's momentum put bytes in another row.
+  `state_notes` would name a difference (none now: bf16 runs Megatron's layout, SGD's momentum is counted).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 
 from loom.simulator.activations import ActivationAssumptions, first_chunk_microbatches_in_flight
 from loom.spec.compile import split_layers
@@ -294,39 +295,15 @@ def executor_buffer_extras(spec, stage: int) -> int:
 
 
 # ---- the loss on CUDA ---------------------------------------------------------------------------------------------
-FUSED_CE_CHUNK_BYTES = 256 * 2**20      # kernels/fused_linear_ce.py _CHUNK_BYTES: one chunk's logits at most
-
-
-def fused_ce_chunk_tokens(tokens: int, vocab: int, elt: int) -> int:
-    """Tokens per chunk of loom.kernels' fused linear cross-entropy (kernels/fused_linear_ce.py
-    default_chunk_size: logits of at most 256 MiB, a multiple of 64 tokens)."""
-    c = max(64, FUSED_CE_CHUNK_BYTES // (vocab * elt) // 64 * 64)
-    return max(1, min(c, tokens))
-
-
 def uses_fused_loss(spec, device: str) -> bool:
     """executor/model.py Decoder.loss_sum: on CUDA without TP the loss is loom.kernels' fused linear cross-entropy
-    (the logits are never materialised); on CPU, or with TP, the vocab-parallel cross-entropy the memory model
-    describes."""
+    (the logits are never materialised); on CPU, or with TP, the vocab-parallel cross-entropy that the memory
+    model's default "unfused" loss describes."""
     return device.startswith("cuda") and spec.plan.tp == 1
 
 
-def fused_loss_delta(spec, stage: int, workspace: float, recompute_transient: float, device: str) -> int:
-    """Bytes the executor's loss on `device` holds beyond the memory model's (negative: less) on `stage`, at the
-    peak: the memory model (simulator/memory.py _logits_bytes) keeps, per micro-batch awaiting its backward, the
-    final norm's input and output (2·act·T·h) and the fp32 log-probs (4·T·v), and needs the loss backward's two
-    fp32 (T, v) gradients as workspace. The fused kernel (kernels/fused_linear_ce.py, Liger-Kernel's approach)
-    computes the gradients in the forward: it keeps grad_h (act·T·h) and grad_W (v·h in the weight's dtype) per
-    micro-batch, the final norm keeps its input (act·T·h; its output is consumed) and rstd (4·T), and its only
-    transient is one chunk's logits (c·v·act). `workspace`: the memory model's StageMemory.workspace, the larger
-    of the loss transient and `recompute_transient` (one recomputed layer's)."""
-    m, p, t = spec.model, spec.plan, spec.training
-    if stage != p.pp - 1 or not uses_fused_loss(spec, device):
-        return 0
-    act = pb = F32 if t.precision == "fp32" else 2          # simulator/memory.py activation_bytes, param_bytes
-    T, v, h = t.micro_batch * m.seq_len // p.cp, m.vocab, m.hidden
-    last_mbs = spec.micro_batches if p.schedule == "afab" else 1
-    model_saved = 2 * act * T * h + F32 * T * v
-    fused_saved = act * T * h + F32 * T * (1 if m.norm == "rmsnorm" else 2) + act * T * h + pb * v * h
-    fused_ws = max(fused_ce_chunk_tokens(T, v, act) * v * act, recompute_transient)
-    return int(last_mbs * (fused_saved - model_saved) + fused_ws - workspace)
+def executor_assumptions(spec, device: str) -> ActivationAssumptions:
+    """The memory model's assumptions for what the executor's kernels and loss keep on `device`."""
+    if uses_fused_loss(spec, device):
+        return replace(EXECUTOR_ACTIVATIONS, loss="fused_chunked")
+    return EXECUTOR_ACTIVATIONS

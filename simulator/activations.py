@@ -38,7 +38,10 @@ class ActivationAssumptions:
     `loss`: the cross-entropy implementation, which sets what the last stage keeps and needs at the loss backward
     (simulator/memory.py `_logits_bytes`): "unfused" (eager aten cross-entropy on an fp32 copy of the logits, the
     default), "loss_parallel" (torch.distributed.tensor.parallel.loss_parallel, eager: torchtitan's loss under TP)
-    or "compiled" (the same loss under torch.compile: torchtitan since bbb1b616, Apr 2025, with training.compile).
+    or "compiled" (the same loss under torch.compile: torchtitan since bbb1b616, Apr 2025, with training.compile),
+    or "fused_chunked" (a linear + cross-entropy kernel that computes the gradients in the forward, token chunk by
+    token chunk, never holding the logits: Liger-Kernel's approach, loom.kernels' fused_linear_cross_entropy, which
+    Loom's executor runs on one GPU without TP).
     `sp_gathered_head_input`: with sequence parallelism the LM head saves its all-gathered (full-sequence) input,
     as DTensor's ColwiseParallel(input_layouts=Shard(1)) does (torchtitan's "output" plan); Megatron-LM and Loom's
     executor (executor/tp.py column_parallel_linear) save the sequence shard and all-gather it again in the
@@ -55,7 +58,15 @@ class ActivationAssumptions:
             raise ValueError(f"ActivationAssumptions.loss = {self.loss!r}: use one of {LOSS_IMPLEMENTATIONS}")
 
 
-LOSS_IMPLEMENTATIONS = ("unfused", "loss_parallel", "compiled")
+LOSS_IMPLEMENTATIONS = ("unfused", "loss_parallel", "compiled", "fused_chunked")
+FUSED_CE_CHUNK_BYTES = 256 * 2**20      # kernels/fused_linear_ce.py _CHUNK_BYTES: one chunk's logits at most
+
+
+def fused_ce_chunk_tokens(tokens: int, vocab: int, elt: int) -> int:
+    """Tokens per chunk of loom.kernels' fused linear cross-entropy (kernels/fused_linear_ce.py
+    default_chunk_size: logits of at most 256 MiB, a multiple of 64 tokens)."""
+    c = max(64, FUSED_CE_CHUNK_BYTES // (vocab * elt) // 64 * 64)
+    return max(1, min(c, tokens))
 
 
 DEFAULT = ActivationAssumptions()

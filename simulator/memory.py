@@ -41,8 +41,8 @@ from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
 from .activations import (DEFAULT, FP32, MASK_BYTES, TOKEN_ID_BYTES, ActivationAssumptions,
-                          chunk_microbatches_in_flight, first_chunk_microbatches_in_flight, layer_bytes,
-                          recompute_transient_bytes)
+                          chunk_microbatches_in_flight, first_chunk_microbatches_in_flight, fused_ce_chunk_tokens,
+                          layer_bytes, recompute_transient_bytes)
 
 MiB = 2**20
 GiB = 2**30
@@ -278,8 +278,13 @@ def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int,
       the forward saves the bf16 logits, act·T·v, and two fp32 values per row (the max and the log-sum-exp), and
       the backward kernel recomputes the softmax and writes only the logits' gradient, act·T·v, plus one fp32
       value per row: transient act·T·v + 4·T. (Forward: nothing (T, v)-sized beyond the logits.)
-    Megatron's fused vocab-parallel cross-entropy needs less than "unfused". The three are checked against the
-    torch sources run on CPU in tests/test_memory_model.py.
+    - "fused_chunked" (kernels/fused_linear_ce.py, Liger-Kernel's approach): the gradients are computed in the
+      forward, chunk by chunk of c tokens (a chunk's logits at most 256 MiB, `fused_ce_chunk_tokens`), so the
+      head's input (the norm's output) is consumed, not saved; kept until the backward: grad_h, act·T·h, and
+      grad_W, v·h in the weight's dtype (act bytes: the memory model's parameter and activation bytes agree);
+      transient: one chunk's logits, act·c·v.
+    Megatron's fused vocab-parallel cross-entropy needs less than "unfused". The first three are checked against
+    the torch sources run on CPU in tests/test_memory_model.py.
     """
     v = padded_vocab(m.vocab, tp) / tp
     norm_in = act * tokens * m.hidden / (tp if sp else 1)
@@ -287,6 +292,9 @@ def _logits_bytes(m: ModelSpec, tokens: float, tp: int, sp: bool, act: int,
     L = FP32 * tokens * v
     if a.loss == "compiled":
         return norm_in + head_in + act * tokens * v + 2 * FP32 * tokens, act * tokens * v + FP32 * tokens
+    if a.loss == "fused_chunked":
+        chunk = fused_ce_chunk_tokens(int(tokens), int(v), act)
+        return norm_in + act * tokens * m.hidden + act * v * m.hidden, act * chunk * v
     transient = 3 * L if a.loss == "loss_parallel" else 2 * L
     return norm_in + head_in + L, transient
 

@@ -415,3 +415,31 @@ def test_compiled_loss_saves_the_bf16_logits_and_row_statistics():
     m = ModelSpec(layers=1, hidden=64, heads=4, ffn_hidden=128, vocab=V, seq_len=N)
     saved_model, _ = _logits_bytes(m, N, 1, False, 2, ActivationAssumptions(loss="compiled"))
     assert saved_model - 2 * 2 * N * 64 == 2 * N * V + rows                         # beyond the norm's two
+
+
+def test_fused_chunked_loss_by_hand_on_the_1_5b_example():
+    """examples/llama-1.5b-h200.toml (one H200, bf16, micro-batch 2 x 4096 = 8192 tokens, vocab 128256, hidden
+    2048, no recompute): loom.kernels' fused linear cross-entropy (what the executor runs on one GPU without TP)
+    keeps the final norm's input, grad_h (2 B x T x h) and grad_W (2 B x v x h) and needs one chunk of bf16 logits
+    (256 MiB / (v x 2 B) = 1046 tokens, rounded down to 64: 1024); the default unfused loss keeps the norm's input
+    and output and the fp32 log-probs (4 B x T x v) and needs their two fp32 gradients."""
+    from dataclasses import replace
+
+    import torch
+
+    from loom.kernels.fused_linear_ce import default_chunk_size
+    from loom.simulator.activations import fused_ce_chunk_tokens
+    from loom.simulator.memory import memory_report
+    from loom.spec import load_spec
+    from loom.verify_predict import EXECUTOR_ACTIVATIONS
+    T, v, h = 8192, 128256, 2048
+    assert fused_ce_chunk_tokens(T, v, 2) == default_chunk_size(T, v, torch.bfloat16) == 1024
+    assert fused_ce_chunk_tokens(100, 50304, 4) == default_chunk_size(100, 50304, torch.float32) == 100
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "llama-1.5b-h200.toml")
+    unfused = memory_report(spec, EXECUTOR_ACTIVATIONS).per_stage[0]
+    fused = memory_report(spec, replace(EXECUTOR_ACTIVATIONS, loss="fused_chunked")).per_stage[0]
+    assert unfused.logits_buffers == 2 * 2 * T * h + 4 * T * v == 4_269_801_472
+    assert unfused.workspace == 2 * 4 * T * v == 8_405_385_216
+    assert fused.logits_buffers == 2 * T * h + 2 * T * h + 2 * v * h == 592_445_440
+    assert fused.workspace == 2 * 1024 * v == 262_668_288
+    assert (fused.params, fused.activations) == (unfused.params, unfused.activations)   # only the loss moves

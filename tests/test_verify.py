@@ -298,38 +298,16 @@ def test_cuda_rows_on_a_cuda_measurement(measured):
     act = rows["activation bytes per micro-batch, 2 layers (stage 0)"]
     assert act.measured == act.predicted < act.reference           # the default model: eager SwiGLU's 4 tensors
     # one GPU rank without TP: the executor's loss is the fused kernel, and the prediction says so
+    from dataclasses import replace
+
     from loom.simulator.memory import memory_report
-    from loom.verify_predict import EXECUTOR_ACTIVATIONS, fused_loss_delta
+    from loom.verify_predict import EXECUTOR_ACTIVATIONS, executor_assumptions
     spec = make_spec(PLANS["dp2-zero1"])
-    st = memory_report(spec, EXECUTOR_ACTIVATIONS).per_stage[0]
-    delta = fused_loss_delta(spec, 0, st.workspace, 0.0, "cuda:0")
-    assert delta < 0 and rows["peak memory allocated (stage 0)"].predicted == st.peak - st.overhead + delta
-    assert "fused loss" in rows["peak memory allocated (stage 0)"].note
-    assert fused_loss_delta(make_spec(PLANS["tp2-sp"]), 0, st.workspace, 0.0, "cuda:0") == 0   # TP: vocab-parallel
-    assert fused_loss_delta(spec, 0, st.workspace, 0.0, "cpu") == 0
-
-
-def test_fused_loss_delta_by_hand_on_the_1_5b_example():
-    """examples/llama-1.5b-h200.toml (one H200, bf16, micro-batch 2 x 4096 tokens, vocab 128256, hidden 2048, no
-    recompute): the memory model's unfused loss keeps the final norm's input and output (2 x 2 B x T x h) and fp32
-    log-probs (4 B x T x v) and needs two fp32 (T, v) gradients as workspace; the executor's fused kernel keeps
-    the norm input, its rstd, grad_h (2 B x T x h) and grad_W (2 B x v x h), and one 1024-token chunk of bf16
-    logits (kernels/fused_linear_ce.py: 256 MiB / (v x 2 B) rounded down to 64 tokens)."""
-    from loom.kernels.fused_linear_ce import default_chunk_size
-    from loom.simulator.memory import memory_report
-    from loom.spec import load_spec
-    from loom.verify_predict import EXECUTOR_ACTIVATIONS, fused_ce_chunk_tokens, fused_loss_delta
-    import torch
-    T, v, h = 8192, 128256, 2048
-    assert fused_ce_chunk_tokens(T, v, 2) == default_chunk_size(T, v, torch.bfloat16) == 1024
-    assert fused_ce_chunk_tokens(100, 50304, 4) == default_chunk_size(100, 50304, torch.float32) == 100
-    spec = load_spec(ROOT / "examples" / "llama-1.5b-h200.toml")
-    st = memory_report(spec, EXECUTOR_ACTIVATIONS).per_stage[0]
-    assert st.workspace == 2 * 4 * T * v == 8_405_385_216
-    model = 2 * 2 * T * h + 4 * T * v                   # 4,269,801,472
-    fused = 2 * T * h + 4 * T + 2 * T * h + 2 * v * h   # 592,478,208
-    want = fused - model + 1024 * v * 2 - st.workspace
-    assert fused_loss_delta(spec, 0, st.workspace, 0.0, "cuda:0") == want == -11_820_040_192
+    st = memory_report(spec, replace(EXECUTOR_ACTIVATIONS, loss="fused_chunked")).per_stage[0]
+    assert rows["peak memory allocated (stage 0)"].predicted == st.peak - st.overhead
+    assert "fused_chunked" in rows["peak memory allocated (stage 0)"].note
+    assert executor_assumptions(make_spec(PLANS["tp2-sp"]), "cuda:0").loss == "unfused"    # TP: vocab-parallel
+    assert executor_assumptions(spec, "cpu").loss == "unfused"
 
 
 @pytest.mark.parametrize("par", [{"tp": 2, "sp": True}, {"tp": 2}, {"dp": 2, "zero": 1}, {"dp": 2, "zero": 3},
