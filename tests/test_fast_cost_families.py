@@ -116,6 +116,17 @@ def test_named_plans_of_70b(nodes, par, training, old):
     assert abs(err) <= 0.01, (f"{err:+.2%}", f"before: {old:+.1%}")
 
 
+def _growth(fn, warm: int = 200, n: int = 100) -> float:
+    """Time per iteration of the recurrence x -> fn(x) once it is periodic: its slope after `warm` iterations."""
+    x = (0.0, 0.0)
+    for _ in range(warm):
+        x = fn(x)
+    y = x
+    for _ in range(n):
+        y = fn(y)
+    return (y[0] - x[0]) / n
+
+
 def test_memo_tables_do_not_leak_between_zero_stages():
     """The memoized _Shapes is shared by plans that differ only in ZeRO stage; the DP units (ZeRO-3: one per layer,
     else bucket_MB buckets) must still be each plan's own: a warm call equals a cold one."""
@@ -156,25 +167,10 @@ def test_period_is_the_recurrence_growth_rate(monkeypatch, schedule):
 
                 def bstep(x):
                     return fast_cost._backward(u, u.t_b, x[0], x[1], fast_cost._NEG, fast_cost._NEG, bk)[:2]
-                rates = []
-                for fn in (step, bstep):
-                    x = (0.0, 0.0)
-                    for _ in range(200):
-                        x = fn(x)
-                    y = x
-                    for _ in range(100):
-                        y = fn(y)
-                    rates.append((y[0] - x[0]) / 100)
-                rate = sum(rates)
+                rate = _growth(step) + _growth(bstep)
             else:
                 def pair(x):
                     f = fast_cost._forward(u, u.t_f, x[0], x[1], fast_cost._NEG)
                     return fast_cost._backward(u, u.t_b, *f, f[0], bk)[:2]
-                x = (0.0, 0.0)
-                for _ in range(200):
-                    x = pair(x)
-                y = x
-                for _ in range(100):
-                    y = pair(y)
-                rate = (y[0] - x[0]) / 100
+                rate = _growth(pair)
             assert fast_cost._period(u, schedule == "afab", bk) == pytest.approx(rate, rel=1e-9), (gpu, bk)
