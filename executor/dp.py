@@ -88,6 +88,50 @@ def _alloc(t: torch.Tensor) -> None:
         s.resize_(need)
 
 
+def _initial(params: list[nn.Parameter], offsets: list[int], lo: int, hi: int, device: torch.device
+             ) -> torch.Tensor:
+    """Elements [lo, hi) of the unit's flat initial values (fp32; padding zeros), on `device`: a deferred
+    parameter's (meta, with `loom_init`) computed from its initialiser for just its elements in the range, a
+    materialised one's copied. So a ZeRO-3 rank computes only its shard (plus one vectorised pass of scratch)."""
+    out = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+    for p, o in zip(params, offsets):
+        a, b = max(lo, o), min(hi, o + p.numel())
+        if a >= b:
+            continue
+        init = getattr(p, "loom_init", None)
+        if p.is_meta:
+            assert init is not None and device.type == "cpu", "a meta parameter without its initialiser"
+            init.fill(a - o, b - o, out[a - lo:b - lo].numpy())
+        else:
+            out[a - lo:b - lo].copy_(p.detach().reshape(-1)[a - o:b - o])
+    return out
+
+
+def _mask(params: list[nn.Parameter], offsets: list[int], rng: slice, pred) -> torch.Tensor:
+    """bool over the unit's elements `rng`: pred(p) on each parameter's elements, False on the padding."""
+    m = torch.zeros(rng.stop - rng.start, dtype=torch.bool)
+    for p, o in zip(params, offsets):
+        a, b = max(rng.start, o), min(rng.stop, o + p.numel())
+        if a < b:
+            m[a - rng.start:b - rng.start] = bool(pred(p))
+    return m
+
+
+def _bind(p: nn.Parameter, view: torch.Tensor) -> None:
+    """Make parameter p a view of its unit's buffer. A deferred (meta) parameter cannot take `.data` from another
+    device type: swap its contents with a Parameter over the view, keeping the object (modules, tied references
+    and hooks see the same Parameter) and its attributes (marks)."""
+    if not p.is_meta:
+        p.data = view
+        return
+    # `.data =` keeps q's own version counter (nn.Parameter(view) would share the buffer's, and a gather into
+    # the buffer would then count as modifying the parameters saved for the backward)
+    q = nn.Parameter(torch.empty(0, dtype=view.dtype, device=view.device), requires_grad=p.requires_grad)
+    q.data = view
+    q.__dict__.update({k: v for k, v in p.__dict__.items() if k != "loom_init"})
+    torch.utils.swap_tensors(p, q)
+
+
 class DataParallel:
     def __init__(self, model: nn.Module, dp: Group, tp: Group, zero: int, bucket_MB: float,
                  grad_dtype: torch.dtype = torch.float32, layer_units: list[nn.Module] | None = None,
@@ -145,44 +189,39 @@ class DataParallel:
     def _make_unit(self, params: list[nn.Parameter], index: int) -> Unit:
         n, dp = sum(p.numel() for p in params), self.dp.size
         padded = -(-n // dp) * dp
-        # The values are assembled where the parameters are; the unit lives on the model's device. A model built
-        # with its parameters left on the host (model.BuildCtx.params_on_host) thus sends the device only what
-        # this rank keeps: under ZeRO-3 its shard (the full buffer is a storage-less placeholder, gathered later).
-        src = params[0].device
+        # The values are assembled where the parameters are, or on the host for parameters built deferred (meta
+        # tensors carrying their initialiser: model.BuildCtx.params_on_host); the unit lives on the model's
+        # device. Under ZeRO-3 only this rank's shard is computed (init_rng.Init.fill, element ranges of each
+        # parameter) and sent to the device (the full buffer is a storage-less placeholder, gathered later).
+        lazy = any(p.is_meta for p in params)
+        src = torch.device("cpu") if lazy else params[0].device
         dev = getattr(self.model, "loom_device", None) or src
-        full = torch.zeros(padded, dtype=torch.float32, device=src)     # the initial values, fp32
-        decay = torch.zeros(padded, dtype=torch.bool, device=src)
-        count = torch.zeros(padded, dtype=torch.bool, device=src)
         offsets, off, sp = [], 0, []
         for p in params:
-            k = p.numel()
-            full[off:off + k].copy_(p.detach().reshape(-1))
-            decay[off:off + k] = getattr(p, "loom_decay", True) and p.dim() >= 2
-            # Replicated over TP: count once, on TP rank 0 (Megatron's param_is_not_tensor_parallel_duplicate).
-            count[off:off + k] = getattr(p, "loom_tp_split", False) or self.tp.rank == 0
             if getattr(p, "loom_sp_grad", False):
-                sp.append((off, k))
+                sp.append((off, p.numel()))
             offsets.append(off)
-            off += k
+            off += p.numel()
         per = padded // dp
         sharded = self.zero >= 1 and self.dp.active
         mine = slice(self.dp.rank * per, (self.dp.rank + 1) * per) if sharded else slice(0, padded)
         own = slice(self.dp.rank * per, (self.dp.rank + 1) * per)
-        if self.zero == 3 and sharded:                  # only the shard reaches the device
-            master = full[mine].to(dev, copy=True)      # the fp32 master (fp32 training: also what is gathered)
-            flat = torch.empty(padded, dtype=self.param_dtype, device=dev)   # a placeholder, freed below
-            shard_lowp = master.to(self.param_dtype) if self.lowp else None
-        elif self.lowp:                                 # fp32 master of what this rank updates, apart
-            master = full[mine].to(dev, copy=True) if sharded else full.to(dev)
-            flat = full.to(dev, self.param_dtype)       # the parameters: the rounded master
+        if self.zero == 3 and sharded:                  # only the shard is computed and reaches the device
+            master = _initial(params, offsets, own.start, own.stop, src).to(dev)   # the fp32 master (fp32
+            flat = torch.empty(padded, dtype=self.param_dtype, device=dev)   # training: also what is gathered);
+            shard_lowp = master.to(self.param_dtype) if self.lowp else None  # flat: a placeholder, freed below
+        else:
+            full = _initial(params, offsets, 0, padded, src)                # the initial values, fp32
+            if self.lowp:                               # fp32 master of what this rank updates, apart
+                master = full[mine].to(dev, copy=True) if sharded else full.to(dev)
+                flat = full.to(dev, self.param_dtype)   # the parameters: the rounded master
+            else:                                       # fp32: the parameters are the master
+                flat = full.to(dev)
+                master = flat[mine]
             shard_lowp = None
-        else:                                           # fp32: the parameters are the master
-            flat = full.to(dev)
-            master = flat[mine]
-            shard_lowp = None
-        del full
+            del full
         for p, o in zip(params, offsets):
-            p.data = flat[o:o + p.numel()].view_as(p)
+            _bind(p, flat[o:o + p.numel()].view(p.shape))
         if self.zero == 3 and sharded:
             _free(flat)                                 # gathered before use (_issue allocates it): one unit's
                                                         # placeholder at a time is all the device sees of it
@@ -196,8 +235,12 @@ class DataParallel:
             shard_grad = grad[self.dp.rank * per:(self.dp.rank + 1) * per]
         if not self.transient_grads:
             grad.zero_()
+        # masks over this rank's shard (padding: False). Replicated over TP: counted once, on TP rank 0
+        # (Megatron's param_is_not_tensor_parallel_duplicate).
+        decay = _mask(params, offsets, own, lambda p: getattr(p, "loom_decay", True) and p.dim() >= 2)
+        count = _mask(params, offsets, own, lambda p: getattr(p, "loom_tp_split", False) or self.tp.rank == 0)
         return Unit(params, offsets, padded, flat, grad, master, shard_lowp, shard_grad,
-                    decay[own].to(dev, copy=True), count[own].to(dev, copy=True), index, sp_params=sp)
+                    decay.to(dev), count.to(dev), index, sp_params=sp)
 
     # ---- zero 3 parameter gathering ----------------------------------------------------------------------
     def _issue(self, u: Unit) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -103,12 +104,79 @@ def normal_block(seed: int, name: str, shape: tuple[int, ...], std: float, rows:
         normal_flat(seed, name, r0 * inner, real * inner, std, out.view(-1)[:(real - r0) * inner].numpy())
         return out
     width = math.prod(shape[2:])                     # elements per column entry (1 for a matrix)
-    key, seg = tensor_key(seed, name), (c1 - c0) * width
-    flat = out.view(r1 - r0, -1).numpy()
-    step = max(1, _CHUNK // max(seg, 1))             # whole rows per pass
-    offs = np.arange(c0 * width, c1 * width, dtype=np.uint64)
-    for a in range(r0, real, step):
-        b = min(real, a + step)
-        idx = (np.arange(a, b, dtype=np.uint64)[:, None] * np.uint64(inner) + offs[None, :]).reshape(-1)
-        flat[a - r0:b - r0] = _normals(key, idx, std).reshape(b - a, seg)
+    _fill_rows(tensor_key(seed, name), r0, real, c0 * width, (c1 - c0) * width, inner, std,
+               out.view(r1 - r0, -1).numpy())
     return out
+
+
+def _fill_rows(key: int, a: int, b: int, lo: int, seg: int, inner: int, std: float, out: np.ndarray) -> None:
+    """Rows [a, b) of a tensor with `inner` elements per row, restricted to the row-relative flat range
+    [lo, lo + seg) (a column block), into out[:b - a] (2-D, seg columns): counters row·inner + lo + j."""
+    step = max(1, _CHUNK // max(seg, 1))             # whole rows per pass
+    offs = np.arange(lo, lo + seg, dtype=np.uint64)
+    for r in range(a, b, step):
+        e = min(b, r + step)
+        idx = (np.arange(r, e, dtype=np.uint64)[:, None] * np.uint64(inner) + offs[None, :]).reshape(-1)
+        out[r - a:e - a] = _normals(key, idx, std).reshape(e - r, seg)
+
+
+@dataclass(frozen=True)
+class Init:
+    """How a parameter's local tensor (a TP shard, or a whole replicated tensor) of shape `shape` is initialised:
+    the constant `const`, or the block rows × cols of the full tensor `name` (shape `full`, normal(0, std)) as
+    normal_block computes it (rows past full[0]: zero padding). `fill` computes any flat range of it alone, so a
+    ZeRO-3 rank computes just its DP shard of the unit (executor/dp.py `_make_unit`)."""
+    shape: tuple[int, ...]
+    const: float | None = None
+    seed: int = 0
+    name: str = ""
+    full: tuple[int, ...] = ()
+    std: float = 0.0
+    rows: tuple[int, int] = (0, 0)
+    cols: tuple[int, int] | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def fill(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements [start, stop) of the local tensor's row-major flattening into `out` (float32, stop - start):
+        bit for bit what normal_block gives there. Scratch: one vectorised pass (_CHUNK elements)."""
+        assert 0 <= start <= stop <= self.numel and out.shape == (stop - start,), (self, start, stop)
+        if start == stop:
+            return
+        if self.const is not None:
+            out[:] = self.const
+            return
+        inner = math.prod(self.full[1:])             # elements per row of the full tensor
+        width = math.prod(self.full[2:])             # elements per column entry
+        c0, c1 = self.cols if self.cols is not None else (0, self.full[1] if len(self.full) > 1 else 1)
+        seg = (c1 - c0) * width                       # elements per local row
+        r0, real = self.rows[0], self.full[0] * inner  # real: the first counter past the tensor (padding after)
+        if seg == inner:                              # whole rows: one contiguous counter range
+            a, b = r0 * inner + start, r0 * inner + stop
+            m = max(a, min(b, real))
+            normal_flat(self.seed, self.name, a, m, self.std, out[:m - a])
+            out[m - a:] = 0.0
+            return
+        assert self.rows[1] <= self.full[0], self      # a column block: no padding rows (vocab is split by rows)
+        key, lo = tensor_key(self.seed, self.name), c0 * width
+        # up to three pieces: a partial first row, whole rows, a partial last row (each row's piece is contiguous)
+        fa, la = -(-start // seg), stop // seg        # whole local rows [fa, la)
+        if fa > la:                                   # inside one row
+            self._row_piece(key, start // seg, start % seg, stop % seg, inner, lo, out)
+            return
+        head = fa * seg - start
+        if head:
+            self._row_piece(key, fa - 1, seg - head, seg, inner, lo, out[:head])
+        _fill_rows(key, r0 + fa, r0 + la, lo, seg, inner, self.std,
+                   out[head:head + (la - fa) * seg].reshape(la - fa, seg))
+        if stop > la * seg:
+            self._row_piece(key, la, 0, stop - la * seg, inner, lo, out[head + (la - fa) * seg:])
+
+    def _row_piece(self, key: int, row: int, j0: int, j1: int, inner: int, lo: int, out: np.ndarray) -> None:
+        """Local row `row`'s elements [j0, j1) of its column block: contiguous counters."""
+        a = (self.rows[0] + row) * inner + lo
+        for s in range(j0, j1, _CHUNK):
+            e = min(j1, s + _CHUNK)
+            out[s - j0:e - j0] = _normals(key, np.arange(a + s, a + e, dtype=np.uint64), self.std)

@@ -7,7 +7,8 @@ columns of a row-parallel one, its rows of the padded vocabulary table, whose pa
 layout (dp, tp, sp, pp, cp, zero) still starts from exactly the single-process model: the premise of the parity
 tests. No full-size tensor of a sharded parameter exists on any rank; a tied head on another stage than the
 embedding computes its rows of the same table ("embed") again. Shards are built on the host and moved to the
-device (by DataParallel instead with `BuildCtx.params_on_host`: under ZeRO-3 only the DP shard reaches it).
+device; with `BuildCtx.params_on_host` (ZeRO-3) the parameters are meta tensors carrying their initialiser and
+DataParallel computes only this rank's DP shard of each unit (executor/dp.py), on the host, and sends it.
 Init: normal(0, 0.02), with the residual output projections scaled by 1/sqrt(2·layers) (GPT-2, Radford et al. 2019
 §2.3); norms one, biases zero, learned positions normal(0, 0.01).
 
@@ -29,10 +30,10 @@ from loom.spec import ModelSpec
 from loom.spec.units import padded_vocab
 
 from . import ops, sac
-from .init_rng import normal_block
+from .init_rng import Init, normal_block
 from .comm import SINGLE, Group
 from .tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear, enter_tp,
-                 leave_tp, mark, vocab_parallel_cross_entropy)
+                 leave_tp, mark, param, vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -44,10 +45,14 @@ class BuildCtx:
     recompute: str = "none"
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # Leave the parameters on the host: DataParallel then places each unit on `device` itself, so under ZeRO-3
-    # only this rank's DP shard ever reaches the device (executor/dp.py _make_unit). Off: Decoder moves them.
+    # Build the parameters as meta tensors (shape only, no storage) carrying their initialiser (init_rng.Init as
+    # `loom_init`): DataParallel computes each unit's values itself (executor/dp.py _make_unit), so under ZeRO-3 a
+    # rank computes and holds only its DP shard of the unit, never its whole TP shard, on the host or the device.
+    # Meta rather than storage-less host tensors: reading one by mistake raises an error (a CPU tensor whose
+    # storage was resized to 0 crashes the process), and DataParallel swaps each for its view of the unit's buffer
+    # in place (torch.utils.swap_tensors: the same Parameter object, so modules and tied references still hold it).
+    # Off: Decoder computes its TP shards and moves them to the device.
     params_on_host: bool = False
-
     def _span(self, n: int) -> tuple[int, int]:
         """This TP rank's range of n split into tp parts (torch.chunk's: ceil(n / tp) each, the last may be short)."""
         per = -(-n // self.tp.size)
@@ -61,13 +66,29 @@ class BuildCtx:
         None: replicated, the whole tensor), after appending `pad_rows` zero rows (TP vocabulary padding). Only the
         shard's own elements are computed (init_rng.py), the same values the full tensor holds there."""
         span = self._span(shape[0] + pad_rows if dim == 0 else shape[1]) if dim is not None else None
+        if self.params_on_host:
+            rows = span if dim == 0 else (0, shape[0])
+            local = (rows[1] - rows[0], *((span[1] - span[0],) if dim == 1 else shape[1:]))
+            return self._deferred(Init(local, seed=self.seed, name=name, full=tuple(shape), std=std, rows=rows,
+                                       cols=span if dim == 1 else None))
         return normal_block(self.seed, name, shape, std, rows=span if dim == 0 else None,
                             cols=span if dim == 1 else None, pad_rows=pad_rows)
 
     def zeros(self, n: int, split: bool) -> torch.Tensor:
         """A zero bias of full length n: this rank's part if `split` (column-parallel), else all of it."""
         lo, hi = self._span(n) if split else (0, n)
-        return torch.zeros(hi - lo)
+        return self._deferred(Init((hi - lo,), const=0.0)) if self.params_on_host else torch.zeros(hi - lo)
+
+    def ones(self, n: int) -> torch.Tensor:
+        """A replicated tensor of n ones (a norm's weight)."""
+        return self._deferred(Init((n,), const=1.0)) if self.params_on_host else torch.ones(n)
+
+    @staticmethod
+    def _deferred(init: Init) -> torch.Tensor:
+        """A meta tensor of the local shape carrying its initialiser (tp.param carries it onto the Parameter)."""
+        t = torch.empty(init.shape, device="meta")
+        t.loom_init = init
+        return t
 
 
 def amp_cast(x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +108,8 @@ class Norm(nn.Module):
         m = ctx.model
         self.eps, self.kind = m.norm_eps, m.norm
         sp = ctx.sp and ctx.tp.active
-        self.weight = mark(nn.Parameter(torch.ones(m.hidden)), tp_split=False, sp_grad=sp, decay=False)
-        self.bias = mark(nn.Parameter(torch.zeros(m.hidden)), tp_split=False, sp_grad=sp,
+        self.weight = mark(param(ctx.ones(m.hidden)), tp_split=False, sp_grad=sp, decay=False)
+        self.bias = mark(param(ctx.zeros(m.hidden, False)), tp_split=False, sp_grad=sp,
                          decay=False) if m.norm == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +210,7 @@ class Decoder(nn.Module):
         if first:
             self.embed = VocabParallelEmbedding(ctx.shard("embed", (m.vocab, m.hidden), 0.02, 0, pad), tp)
             if m.position == "learned":
-                self.pos = mark(nn.Parameter(ctx.shard("pos", (m.seq_len, m.hidden), 0.01, None)), tp_split=False,
+                self.pos = mark(param(ctx.shard("pos", (m.seq_len, m.hidden), 0.01, None)), tp_split=False,
                                 sp_grad=self.sp)
         self.layers = nn.ModuleList(Block(ctx, i) for i in layers)
         if last:
@@ -199,7 +220,7 @@ class Decoder(nn.Module):
             else:
                 # tied, on another stage than the embedding: this rank's rows of the same table, computed again
                 w = ctx.shard("embed" if m.tied_embeddings else "head", (m.vocab, m.hidden), 0.02, 0, pad)
-                self.head_weight = mark(nn.Parameter(w), tp_split=tp.active)
+                self.head_weight = mark(param(w), tp_split=tp.active)
         if m.position == "rope":
             cos, sin = ops.rope_tables(m.seq_len, m.d_head, m.rope_theta, ctx.device)
             self.register_buffer("cos", cos, persistent=False)

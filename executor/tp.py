@@ -162,6 +162,15 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 # ---- parameter metadata ----------------------------------------------------------------------------------------
+def param(t: torch.Tensor) -> nn.Parameter:
+    """nn.Parameter(t), keeping t's initialiser (`loom_init`: a meta tensor built by model.BuildCtx under
+    ZeRO-3, whose values executor/dp.py computes shard by shard)."""
+    p = nn.Parameter(t)
+    if hasattr(t, "loom_init"):
+        p.loom_init = t.loom_init
+    return p
+
+
 def mark(p: nn.Parameter, *, tp_split: bool, sp_grad: bool = False, decay: bool = True, tp_dim: int = 0
          ) -> nn.Parameter:
     """Annotate a parameter for the DP/ZeRO and clipping code.
@@ -185,8 +194,8 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group):
         super().__init__()
-        self.weight = mark(nn.Parameter(weight), tp_split=group.size > 1)
-        self.bias = None if bias is None else mark(nn.Parameter(bias), tp_split=group.size > 1, decay=False)
+        self.weight = mark(param(weight), tp_split=group.size > 1)
+        self.bias = None if bias is None else mark(param(bias), tp_split=group.size > 1, decay=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel_linear(x, self.weight, self.bias)
@@ -199,9 +208,9 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, sp: bool):
         super().__init__()
-        self.weight = mark(nn.Parameter(weight), tp_split=group.size > 1, tp_dim=1)
+        self.weight = mark(param(weight), tp_split=group.size > 1, tp_dim=1)
         self.bias = None if bias is None else mark(
-            nn.Parameter(bias), tp_split=False, sp_grad=sp and group.size > 1, decay=False)
+            param(bias), tp_split=False, sp_grad=sp and group.size > 1, decay=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -218,7 +227,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group = group
         per = weight.shape[0]
         self.start, self.end = group.rank * per, (group.rank + 1) * per
-        self.weight = mark(nn.Parameter(weight), tp_split=group.size > 1)
+        self.weight = mark(param(weight), tp_split=group.size > 1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.group.active:

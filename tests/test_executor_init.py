@@ -211,3 +211,109 @@ def test_zero3_from_the_host_never_puts_the_tp_shard_on_the_device():
     assert state[True] == state[False] and state[True] <= 1.6 * n_tp, (state, n_tp)
     assert peak[False] >= 4 * n_tp, (peak, n_tp)
     assert peak[True] <= state[True] + 6 * biggest_unit + 2**20 < 4 * n_tp, (peak, state, biggest_unit, n_tp)
+
+
+# ---- ZeRO-3: each unit's DP shard computed straight from the initialiser (init_rng.Init) ----------------------------
+@pytest.mark.parametrize("chunk", [37, 1 << 14])
+def test_init_fill_of_any_flat_range_equals_normal_block(monkeypatch, chunk):
+    """Init.fill(start, stop) of a block (column-parallel rows with zero padding rows, a row-parallel column block
+    whose flat ranges start and end mid-row, a 3-D block, a 1-D one, a constant) equals the same elements of
+    normal_block's tensor bit for bit, for random ranges, through vectorised passes of another length."""
+    monkeypatch.setattr(init_rng, "_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    for full, rows, cols, pad in [((31, 17), (0, 31), None, 0), ((31, 17), (5, 20), None, 0),
+                                  ((31, 17), (16, 32), None, 1), ((31, 17), (24, 40), None, 9),
+                                  ((31, 17), (0, 31), (4, 9), 0), ((31, 17, 3), (2, 31), (4, 9), 0),
+                                  ((31,), (3, 20), None, 0)]:
+        ref = normal_block(3, "w", full, 0.02, rows=rows, cols=cols, pad_rows=pad).reshape(-1).numpy()
+        c0, c1 = cols or (0, full[1] if len(full) > 1 else 1)
+        shape = (rows[1] - rows[0], *(() if len(full) == 1 else (c1 - c0, *full[2:])))
+        init = init_rng.Init(shape, seed=3, name="w", full=full, std=0.02, rows=rows, cols=cols)
+        assert init.numel == ref.size
+        for a, b in [(0, ref.size), (0, 0), (ref.size, ref.size)] + [sorted(rng.integers(0, ref.size + 1, 2))
+                                                                      for _ in range(30)]:
+            out = np.full(b - a, np.nan, np.float32)
+            init.fill(int(a), int(b), out)
+            assert np.array_equal(out, ref[a:b]), (full, rows, cols, a, b)
+    out = np.full(5, np.nan, np.float32)
+    init_rng.Init((4, 3), const=1.0).fill(3, 8, out)
+    assert np.all(out == 1.0)
+
+
+LLAMA = {**GPT, "bias": False}
+# ffn 40: at tp 2 the DP shard boundaries of dp 2 and 4 fall mid-row in the row-parallel attn.o (dp 3: Llama's)
+GPT2 = {**GPT, "position": "learned", "norm": "layernorm", "activation": "gelu", "ffn_hidden": 40}
+
+
+def _zero3(m: ModelSpec, tp: int, r: int, dp: int, k: int, dtype: torch.dtype, lazy: bool, **kw):
+    """(decoder, DataParallel, elements drawn) for TP rank r of tp, DP rank k of dp, ZeRO-3."""
+    from loom.executor.dp import DataParallel
+    g = Group("tp", None, tp, r) if tp > 1 else SINGLE
+    DRAWN["elements"] = 0
+    dec = Decoder(BuildCtx(m, g, sp=tp > 1, seed=7, params_on_host=lazy), **kw)
+    if lazy:
+        assert all(p.is_meta for p in dec.parameters())      # nothing computed or held before DataParallel
+    dpw = DataParallel(dec, Group("dp", None, dp, k), g, 3, 0.01, layer_units=list(dec.layers), param_dtype=dtype)
+    return dec, dpw, DRAWN["elements"]
+
+
+@pytest.mark.parametrize("dp", [2, 3, 4])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model,stage", [(LLAMA, "all"), (GPT2, "all"), ({**GPT2, "tied_embeddings": True}, "last"),
+                                         ({**LLAMA, "tied_embeddings": True}, "first")])
+def test_zero3_shards_from_the_initialiser_equal_the_current_build(dp, tp, dtype, model, stage):
+    """A deferred build (meta parameters; DataParallel computes each unit's DP shard from the initialiser) gives
+    the ZeRO-3 state of the current build (TP shards computed, then split) bit for bit: fp32 masters, low-precision
+    shards, decay and count masks, unit layout, SP gradient ranges; the parameters are the same objects, with their
+    marks, as views of the freed placeholder. Tied embeddings on the last stage compute their rows of "embed".
+    Every element is computed once in the DP group: the ranks' counts sum to the TP rank's, each at most its
+    shards' length (Σ units ⌈n/dp⌉): about 1/(tp·dp) of the model."""
+    m = ModelSpec(**model)
+    kw = {"all": {}, "first": {"layers": range(1), "first": True, "last": False},
+          "last": {"layers": range(1, 2), "first": False, "last": True}}[stage]
+    for r in range(tp):
+        drawn = []
+        for k in range(dp):
+            d0, a, n0 = _zero3(m, tp, r, dp, k, dtype, False, **kw)
+            d1, b, n1 = _zero3(m, tp, r, dp, k, dtype, True, **kw)
+            assert len(a.units) == len(b.units)
+            for u, v in zip(a.units, b.units):
+                assert (u.numel, u.offsets, u.sp_params) == (v.numel, v.offsets, v.sp_params)
+                for x, y in ((u.shard_param, v.shard_param), (u.shard_lowp, v.shard_lowp), (u.decay, v.decay),
+                             (u.count, v.count), (u.shard_grad, v.shard_grad)):
+                    assert (x is None) == (y is None) and (x is None or (x.dtype == y.dtype and torch.equal(x, y)))
+                assert v.flat.dtype == dtype and v.flat.untyped_storage().nbytes() == 0
+            named0, named1 = dict(d0.named_parameters()), dict(d1.named_parameters())
+            assert named0.keys() == named1.keys()
+            for n, p in named1.items():
+                q = named0[n]
+                assert (p.shape, p.dtype, p.device, p.requires_grad) == (q.shape, q.dtype, q.device, q.requires_grad)
+                assert {x: getattr(p, x) for x in ("loom_tp_split", "loom_sp_grad", "loom_decay", "loom_tp_dim")} \
+                    == {x: getattr(q, x) for x in ("loom_tp_split", "loom_sp_grad", "loom_decay", "loom_tp_dim")}
+                assert not hasattr(p, "loom_init") and b.unit_of[p] is not None
+            if "embed" in named1 and "head_weight" in named1:       # tied on one stage: still one object
+                assert (d1.head_weight is d1.embed.weight) == (d0.head_weight is d0.embed.weight)
+            assert n1 <= sum(v.numel // dp for v in b.units) <= sum(p.numel() for p in d1.parameters()) / dp + \
+                len(b.units), (n1, n0)
+            drawn.append(n1)
+        assert sum(drawn) == n0, (drawn, n0)                      # every element once in the DP group
+
+
+def test_zero3_with_one_dp_rank_computes_the_whole_tp_shard_from_the_initialiser():
+    """ZeRO-3 on a single DP rank (dp·cp = 1; the Trainer still defers the build): the whole unit is computed and
+    the parameters are real views of it, equal to the default build's."""
+    m = ModelSpec(**GPT2)
+    d0, a, n0 = _zero3(m, 2, 1, 1, 0, torch.bfloat16, False)
+    d1, b, n1 = _zero3(m, 2, 1, 1, 0, torch.bfloat16, True)
+    assert n0 == n1
+    for u, v in zip(a.units, b.units):
+        assert torch.equal(u.shard_param, v.shard_param) and torch.equal(u.flat, v.flat)
+    for (n, p), (_, q) in zip(d0.named_parameters(), d1.named_parameters()):
+        assert torch.equal(p, q) and not q.is_meta, n
+    # a write into the unit's buffer (a ZeRO-3 gather) does not bump the parameters' version counters: autograd
+    # would otherwise refuse the backward of parameters saved before a re-gather
+    with torch.no_grad():
+        for u in b.units:
+            u.flat.add_(0)
+    assert all(q._version == 0 for q in d1.parameters())
