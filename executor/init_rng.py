@@ -38,7 +38,7 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _S40, _S16, _M24 = np.uint64(40), np.uint64(16), np.uint64(0xFFFFFF)
-_CHUNK = 1 << 14                 # elements per vectorised pass: the temporaries stay in cache (benchmarks/init_speed.py)
+_CHUNK = 1 << 14                 # elements per vectorised pass: temporaries stay in cache (benchmarks/init_speed.py)
 
 # Elements drawn by this process since the last reset (tests count them: a TP rank draws only its shard).
 DRAWN = {"elements": 0}
