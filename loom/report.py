@@ -51,22 +51,23 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
     return out
 
 
-def _fit_advice(spec: Spec) -> dict[str, Any]:
+def _fit_advice(spec: Spec, assumptions=None) -> dict[str, Any]:
     from dataclasses import asdict
     from loom.simulator.fit_advice import advise
-    a = advise(spec)
+    a = advise(spec) if assumptions is None else advise(spec, assumptions)
     return {"states_floor_bytes": a.states_floor_bytes, "any_plan_can_fit": a.any_plan_can_fit,
             "alternatives": [asdict(x) for x in a.alternatives]}
 
 
-def fit_report(spec: Spec) -> dict[str, Any] | None:
-    """The parts of simulate's report that format_fit_advice reads, or None when the plan fits."""
+def fit_report(spec: Spec, assumptions=None) -> dict[str, Any] | None:
+    """The parts of simulate's report that format_fit_advice reads, or None when the plan fits. `assumptions`
+    (simulator/activations.py ActivationAssumptions): what the kernels that will run keep; None: the default."""
     from loom.simulator.memory import memory_report
-    mem = memory_report(spec)
+    mem = memory_report(spec) if assumptions is None else memory_report(spec, assumptions)
     if mem.fits:
         return None
     return {"params": spec.model.param_count(), "gpus": spec.world_size, "memory": mem.to_dict(),
-            "fit_advice": _fit_advice(spec)}
+            "fit_advice": _fit_advice(spec, assumptions)}
 
 
 def _changes(changes: dict[str, Any]) -> str:

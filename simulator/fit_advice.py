@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from loom.spec.spec import Spec
 from loom.spec.validate import check
 
+from .activations import DEFAULT, ActivationAssumptions
 from .fast_cost import fast_step, mfu
 from .memory import grad_bytes, memory_report, optimizer_bytes, param_bytes
 
@@ -95,8 +96,9 @@ def states_floor(spec: Spec) -> int:
     return math.ceil(n * per_param / spec.world_size)
 
 
-def advise(spec: Spec) -> FitAdvice:
-    """Neighbouring plans that fit (see the module docstring); call on a validated spec with a concrete plan."""
+def advise(spec: Spec, assumptions: ActivationAssumptions = DEFAULT) -> FitAdvice:
+    """Neighbouring plans that fit (see the module docstring); call on a validated spec with a concrete plan.
+    `assumptions`: what the kernels that will run keep (`loom run` passes the executor's)."""
     hbm = spec.gpu.hbm_bytes
     moves = _moves(spec)
     candidates = [(1, m) for m in moves] + [(2, c) for i, a in enumerate(moves) for b in moves[i + 1:]
@@ -111,7 +113,7 @@ def advise(spec: Spec) -> FitAdvice:
         new = _apply(spec, changes)
         if new is None:
             continue
-        peak = memory_report(new).peak_bytes
+        peak = memory_report(new, assumptions).peak_bytes
         if peak > hbm:
             continue
         step = fast_step(new).step_time_s

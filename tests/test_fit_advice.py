@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 
@@ -122,5 +123,25 @@ def test_run_with_ignore_memory_model_goes_on_to_the_launch_checks(tmp_path, cap
     path = tmp_path / "big.toml"
     path.write_text(TOO_BIG_ACTIVATIONS)
     rc = main(["run", str(path), "--ignore-memory-model"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not started" not in err and "CUDA" in err
+
+
+def test_run_checks_the_executors_memory_not_simulates_default_stack(tmp_path, capsys):
+    """The 1.5B example with per-op recompute on one A100-40GB: `loom simulate`'s default stack (eager SwiGLU,
+    unfused loss: fp32 log-probs and their two gradients) needs 44 GiB, so it does not fit; Loom's executor (its
+    kernels and, on one GPU, the fused linear cross-entropy: memory model loss "fused_chunked") needs ~33 GiB, so
+    `loom run` passes the memory check and stops only at this machine's missing CUDA (exit 2)."""
+    from loom.report import fit_report
+    from loom.spec import load_spec
+    from loom.verify_predict import executor_assumptions
+    text = (Path(__file__).resolve().parents[1] / "examples" / "llama-1.5b-h200.toml").read_text()
+    path = tmp_path / "a100.toml"
+    path.write_text(text.replace('gpu = "H200"', 'gpu = "A100-40GB"').replace('recompute = "none"', 'recompute = "op"'))
+    spec = load_spec(path)
+    assert fit_report(spec) is not None and fit_report(spec, executor_assumptions(spec, "cuda")) is None
+    assert main(["simulate", str(path)]) == 3
+    capsys.readouterr()
+    rc = main(["run", str(path)])
     err = capsys.readouterr().err
     assert rc == 2 and "not started" not in err and "CUDA" in err
