@@ -200,8 +200,8 @@ def test_saved_activations_per_layer_agree_across_stages_and_schedule_in_flight(
     b = rows["activation bytes per micro-batch, 1 layers (stage 1)"].measured
     assert a > 0 and abs(a - b) / b < 0.02
     for stage, n in ((0, 2), (1, 1)):
-        r = rows[f"micro-batches in flight (stage {stage})"]
-        assert r.predicted == n and r.ok, (r.predicted, r.measured)
+        r = rows[f"micro-batches in flight (stage {stage})"]     # reported only: a ratio of averages
+        assert r.predicted == n and r.ok is None and abs(r.measured - n) / n < 0.03, (r.predicted, r.measured)
 
 
 def test_saved_activation_bytes_match_an_independent_single_process_count(measured):
