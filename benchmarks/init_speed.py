@@ -10,7 +10,7 @@ before, every rank drew all P elements; now a TP rank computes P / tp.
 --zero3-unit: one rank's ZeRO-3 build of one Llama 3 70B layer unit (hidden 8192, 64 heads, 8 KV heads, ffn 28672)
 at tp 8, dp 32 (TP rank 0, DP rank 0), each way in a fresh subprocess: "tp-shard" (the build before: the rank's
 whole TP shard computed on the host, then the unit's DP shard cut from it) against "dp-shard" (the deferred build:
-meta parameters, DataParallel computes only the DP shard, executor/dp.py _initial). Per way: elements computed
+meta parameters, DataParallel computes only the DP shard, executor/dp_unit.py _initial). Per way: elements computed
 (init_rng.DRAWN), CPU and wall seconds of model + DataParallel construction, the process's peak RSS growth.
 
 Run: .venv/bin/python benchmarks/init_speed.py [--repeats 5] [--zero3-unit]

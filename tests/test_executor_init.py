@@ -150,7 +150,7 @@ def test_a_tp4_rank_draws_a_quarter_of_the_elements(position):
     assert total == single - pos                             # no element drawn by two ranks
 
 
-# ---- ZeRO-3 from host-built parameters (BuildCtx.params_on_host; executor/dp.py _make_unit) -----------------------
+# ---- ZeRO-3 from host-built parameters (BuildCtx.params_on_host; executor/dp_unit.py build_unit) -----------------------
 def _units(m: ModelSpec, zero: int, dtype: torch.dtype, on_host: bool, device: str = "cpu"):
     from loom.executor.dp import DataParallel
     tp = Group("tp", None, 2, 1)
