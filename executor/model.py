@@ -45,8 +45,9 @@ class BuildCtx:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Build the parameters as meta tensors (shape only, no storage) carrying their initialiser (init_rng.Init as
-    # `loom_init`): DataParallel computes each unit's values itself (executor/dp_unit.py build_unit), so under ZeRO-3 a
-    # rank computes and holds only its DP shard of the unit, never its whole TP shard, on the host or the device.
+    # `loom_init`): DataParallel computes each unit's values itself (executor/dp_unit.py build_unit), so under
+    # ZeRO-3 a rank computes and holds only its DP shard of the unit, never its whole TP shard, on the host or
+    # the device.
     # Meta rather than storage-less host tensors: reading one by mistake raises an error (a CPU tensor whose
     # storage was resized to 0 crashes the process), and DataParallel swaps each for its view of the unit's buffer
     # in place (torch.utils.swap_tensors: the same Parameter object, so modules and tied references still hold it).
