@@ -67,7 +67,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec, chosen = _resolve_auto(_load(args.file))
     try:
         report = simulate_report(spec, price_per_gpu_hour=args.price, trace_path=args.trace, plot_path=args.plot,
-                                 profile_path=args.profile)
+                                 profile_path=args.profile, stack=args.stack)
     except (OSError, ValueError) as exc:
         print(f"loom simulate: --profile {args.profile}: {exc}. Fix: give a file written by `loom calibrate`.",
               file=sys.stderr)
@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="draw the pipeline schedule (needs matplotlib)")
     p.add_argument("--price", type=float, metavar="USD", help="price per GPU-hour, for the cost to train")
     p.add_argument("--profile", metavar="P.json", help="hardware profile from `loom calibrate` (default: catalog)")
+    p.add_argument("--stack", choices=("default", "loom"), default="default",
+                   help="whose kernels the memory rows count: the production stack the memory model describes "
+                        "(eager SwiGLU, unfused fp32 loss; default) or what `loom run` keeps (its kernels and, on one "
+                        "GPU without TP, its fused loss)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("search", help="rank every valid plan for the spec's model, cluster and batch")

@@ -17,11 +17,28 @@ def _time_report(spec: Spec, price_per_gpu_hour: float | None, profile=None):
     return simulate_time(spec, profile=profile)
 
 
+STACKS = ("default", "loom")
+
+
+def stack_assumptions(spec: Spec, stack: str):
+    """The memory model's assumptions for `stack`: "default", the production stack the memory model describes
+    (eager SwiGLU, an unfused fp32 loss: torchtitan-like; simulator/activations.py DEFAULT), or "loom", what
+    `loom run` keeps on the spec's GPUs (its kernels and, on one GPU without TP, its fused loss:
+    verify_predict.executor_assumptions; `loom run`'s own fit check uses it)."""
+    if stack == "loom":
+        from loom.verify_predict import executor_assumptions
+        return executor_assumptions(spec, spec.gpu.device)
+    return None
+
+
 def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_path: str | None = None,
-                    plot_path: str | None = None, profile_path: str | None = None) -> dict[str, Any]:
-    """`profile_path`: a hardware profile written by `loom calibrate`, used instead of the catalog's defaults."""
+                    plot_path: str | None = None, profile_path: str | None = None,
+                    stack: str = "default") -> dict[str, Any]:
+    """`profile_path`: a hardware profile written by `loom calibrate`, used instead of the catalog's defaults.
+    `stack`: whose kernels the memory rows count (`stack_assumptions`)."""
     from loom.simulator.memory import memory_report
-    mem = memory_report(spec)
+    assumptions = stack_assumptions(spec, stack)
+    mem = memory_report(spec) if assumptions is None else memory_report(spec, assumptions)
     out: dict[str, Any] = {
         "model": spec.model.name,
         "params": spec.model.param_count(),
@@ -29,9 +46,10 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
         "gpu": spec.gpu.name,
         "tokens_per_step": spec.tokens_per_step,
         "memory": mem.to_dict(),
+        "stack": stack,
     }
     if not mem.fits:
-        out["fit_advice"] = _fit_advice(spec)
+        out["fit_advice"] = _fit_advice(spec, assumptions)
     profile = None
     if profile_path:
         from loom.simulator.hardware import HardwareProfile
@@ -109,7 +127,8 @@ def format_report(spec: Spec, r: dict[str, Any]) -> str:
     short = {"embedding_buffers": "embed", "logits_buffers": "logits", "comm_buffers": "comm", "optimizer": "optim",
              "activations": "activ", "workspace": "workspace"}
     headers = ["stage", "layers", "mb in flight"] + [short.get(c, c) for c in cols]
-    lines.append("\nMemory per GPU (GiB)")
+    lines.append("\nMemory per GPU (GiB)" + (", counting what `loom run` keeps (--stack loom)"
+                                                if r.get("stack") == "loom" else ""))
     lines.append(tabulate(rows, headers=headers, tablefmt="github"))
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
     lines.append(f"peak {gib(mem['peak_bytes'])} GiB of {gib(mem['hbm_bytes'])} GiB: {verdict} "

@@ -96,3 +96,30 @@ def test_simulate_with_a_calibrated_profile(capsys):
     assert calibrated["memory"] == default["memory"]                   # a profile changes time, not memory
     assert main(["simulate", tiny, "--profile", "/nonexistent/profile.json"]) == 2
     assert "loom calibrate" in capsys.readouterr().err
+
+
+def test_simulate_stack_loom_counts_what_loom_run_keeps(capsys):
+    """`--stack loom`: the memory rows of Loom's executor (its kernels; on one GPU without TP the fused linear
+    cross-entropy: no fp32 log-probs, no (T, v) gradients), the figures `loom run`'s fit check and `loom verify`'s
+    CUDA rows use; the default is the production stack. Without torch, like plain simulate."""
+    from dataclasses import replace
+
+    from loom.simulator.memory import memory_report
+    from loom.spec import load_spec
+    from loom.verify_predict import EXECUTOR_ACTIVATIONS
+    path = ROOT / "examples" / "llama-1.5b-h200.toml"
+    assert main(["simulate", str(path), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["simulate", str(path), "--json", "--stack", "loom"]) == 0
+    loom = json.loads(capsys.readouterr().out)
+    want = memory_report(load_spec(path), replace(EXECUTOR_ACTIVATIONS, loss="fused_chunked"))
+    assert (default["stack"], loom["stack"]) == ("default", "loom")
+    assert loom["memory"]["peak_bytes"] == want.peak_bytes < default["memory"]["peak_bytes"] - 10 * 2**30
+    assert loom["step_time_s"] == default["step_time_s"]                # memory only
+    assert main(["simulate", str(path), "--stack", "loom"]) == 0
+    assert "counting what `loom run` keeps" in capsys.readouterr().out
+    code = ("import sys; from loom.cli import main; "
+            f"rc = main(['simulate', {str(path)!r}, '--json', '--stack', 'loom']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'simulate --stack loom imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
