@@ -4,7 +4,7 @@ A checkpoint (executor/checkpoint.py, `Trainer.state_dict`) holds, per pipeline 
 the fp32 master and the optimizer moments of that unit: `pp{s}.tp{t}.u{i}.{param,m,v}` (ZeRO-0: the whole padded
 unit, replicated over DP) or `pp{s}.tp{t}.dp{r}.u{i}.{...}` (ZeRO >= 1: shard r of the padded unit over the DP
 group, dp·cp when pp or cp > 1). A unit is the concatenation of this rank's TP shards of its parameters in a fixed
-order, padded with zeros to a multiple of the DP group (executor/dp.py; spec/units.py `chunk_units` reproduces the
+order, padded with zeros to a multiple of the DP group (executor/dp.py; spec/units.py `stage_units` reproduces the
 grouping, and its `Param`s name each tensor, its full shape and its TP split).
 
 `reshard(src_dir, src_spec, dst_spec, dst_dir)`:
@@ -44,8 +44,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from loom.spec import Spec
-from loom.spec.compile import compile_plan
-from loom.spec.units import Param, Unit, chunk_units, padded_vocab
+from loom.spec.units import Param, Unit, dp_group_size, padded_vocab, stage_units
 
 from . import checkpoint
 from .optim import LossScaler
@@ -103,21 +102,9 @@ class Layout:
 def layout(spec: Spec) -> Layout:
     """The units each rank of `spec` holds (Trainer: DataParallel over dp; pp_stage.Stage, used when pp or cp > 1:
     one DataParallel per model chunk over the dp·cp group)."""
-    p, t = spec.plan, spec.training
-    n_dp = p.dp * p.cp if (p.pp > 1 or p.cp > 1) else p.dp
-    grad_bytes = 2 if t.grad_dtype == "bf16" else 4              # dp.py buckets by grad_dtype bytes
-    chunks = compile_plan(spec).stage_chunks                      # what Trainer / Stage build
-    n_virtual = p.pp * len(chunks[0])
-    stages = []
-    for s, ranges in enumerate(chunks):
-        units: list[Unit] = []
-        for c, layers in enumerate(ranges):
-            j = c * p.pp + s                                      # virtual stage index (pp_stage.Stage)
-            units += chunk_units(spec.model, p.tp, p.sp, p.zero, p.bucket_MB, grad_bytes, n_dp, layers,
-                                 j == 0, j == n_virtual - 1)
-        stages.append(units)
-    states = ("param", "m") if t.optimizer == "sgd" else ("param", "m", "v")
-    return Layout(spec, n_dp, stages, states)
+    stages = [[u for chunk in stage_units(spec, s) for u in chunk] for s in range(spec.plan.pp)]
+    states = ("param", "m") if spec.training.optimizer == "sgd" else ("param", "m", "v")
+    return Layout(spec, dp_group_size(spec), stages, states)
 
 
 def same_layout(a: Spec, b: Spec) -> bool:

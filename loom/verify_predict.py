@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loom.simulator.activations import ActivationAssumptions, first_chunk_microbatches_in_flight
-from loom.spec.compile import split_layers
-from loom.spec.units import Param, Unit, chunk_tensors, padded_vocab
-from loom.spec.units import chunk_units as _units
+from loom.spec.units import Param, chunk_tensors, padded_vocab
+from loom.spec.units import dp_group_size, stage_chunks, stage_units  # noqa: F401  (re-exported)
+from loom.spec.units import rank_chunk_units as chunk_units  # noqa: F401  (re-exported)
 
 F32 = 4
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -37,36 +37,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 def _chunk_params(spec, layers: range, first: bool, last: bool) -> list[Param]:
     """This rank's parameters of one model chunk, in the order `dict.fromkeys(decoder.parameters())` gives."""
     return chunk_tensors(spec.model, spec.plan.tp, spec.plan.sp, layers, first, last)
-
-
-def stage_chunks(spec, stage: int) -> list[tuple[range, bool, bool]]:
-    """(layers, first, last) of each model chunk of a stage, as the plan compiler splits them."""
-    p = spec.plan
-    v = p.vpp if p.schedule == "interleaved" else 1
-    ranges = split_layers(spec.model.layers, p.pp * v)
-    out = []
-    for c in range(v):
-        j = c * p.pp + stage
-        out.append((ranges[j], j == 0, j == p.pp * v - 1))
-    return out
-
-
-def dp_group_size(spec) -> int:
-    """The group DataParallel reduces over: dp (Trainer) or dp·cp (pp_stage.Stage, used when pp or cp > 1)."""
-    p = spec.plan
-    return p.dp * p.cp if (p.pp > 1 or p.cp > 1) else p.dp
-
-
-def chunk_units(spec, layers: range, first: bool, last: bool) -> list[Unit]:
-    """The flat-buffer units of one chunk's DataParallel (dp.py's grouping and padding; spec/units.py, which the
-    plan compiler uses too)."""
-    p, t = spec.plan, spec.training
-    return _units(spec.model, p.tp, p.sp, p.zero, p.bucket_MB, DTYPE_BYTES[t.grad_dtype], dp_group_size(spec),
-                  layers, first, last)
-
-
-def stage_units(spec, stage: int) -> list[list[Unit]]:
-    return [chunk_units(spec, *c) for c in stage_chunks(spec, stage)]
 
 
 def state_elements(spec, stage: int) -> dict[str, int]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from loom.spec.compile import split_layers
-from loom.spec.units import chunk_tensors, chunk_units, padded_vocab
+from loom.spec.units import chunk_tensors, padded_vocab, stage_units
 from loom.spec.model import ModelSpec
 from loom.spec.spec import Spec
 
@@ -186,7 +186,7 @@ _PADDED: dict = {}          # memo for the search's hot loop: (model id, layout,
 
 
 def stage_padded_elements(spec: Spec, stage: int) -> int:
-    """Elements of a stage's flat units after padding each to a multiple of dp·cp (spec/units.py chunk_units, the
+    """Elements of a stage's flat units after padding each to a multiple of dp·cp (spec/units.py stage_units, the
     grouping executor/dp.py and the plan's DP ops use): parameters plus < dp·cp padding elements per unit."""
     p, m = spec.plan, spec.model
     shard = p.dp * p.cp
@@ -198,13 +198,7 @@ def stage_padded_elements(spec: Spec, stage: int) -> int:
     if n is None:
         if len(_PADDED) > 50_000:
             _PADDED.clear()
-        ranges = split_layers(m.layers, p.pp * p.vpp)
-        n = 0
-        for j in range(p.vpp):
-            v = j * p.pp + stage
-            n += sum(u.numel for u in chunk_units(m, p.tp, p.sp, p.zero, p.bucket_MB, gb, shard,
-                                                  range(len(ranges[v])), v == 0, v == p.pp * p.vpp - 1))
-        _PADDED[key] = n
+        n = _PADDED[key] = sum(u.numel for chunk in stage_units(spec, stage) for u in chunk)
         _PADDED[("keep", id(m))] = m           # keep the model alive while its id keys the memo
     return n
 

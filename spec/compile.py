@@ -28,30 +28,10 @@ from .compile_sizes import _Shapes  # noqa: F401  (re-exported, with _ring, for 
 from .mesh import Mesh
 from .plan import OpKind, Plan
 from .schedules import build_schedule
+from .units import split_layers
 
 __all__ = ["compile_plan", "split_layers", "per_micro_batch_reduction", "ACT_BYTES", "PARAM_BYTES", "GRAD_BYTES",
            "OPT_STATE_BYTES", "FP32_BYTES", "MAX_BUCKET_OPS"]
-
-
-def split_layers(layers: int, chunks: int) -> list[range]:
-    """Contiguous layer ranges for each virtual stage. Even when it divides; otherwise the first and last virtual
-    stages (which also hold the embedding and the LM head) get fewer layers, as Llama 3 405B does (126 layers on
-    16 stages, Dubey et al. 2024 §3.3.2), and the rest spread one extra layer from the middle out."""
-    if chunks > layers:
-        raise ValueError(f"cannot split {layers} layers over {chunks} virtual stages")
-    base, extra = divmod(layers, chunks)
-    counts = [base] * chunks
-    middle = list(range(1, chunks - 1)) or list(range(chunks))
-    middle.sort(key=lambda j: abs(j - (chunks - 1) / 2))
-    for j in middle[:extra]:
-        counts[j] += 1
-    for j in range(extra - len(middle)):             # only when chunks <= 2 and extra > middle
-        counts[j] += 1
-    out, start = [], 0
-    for n in counts:
-        out.append(range(start, start + n))
-        start += n
-    return out
 
 
 def compile_plan(spec) -> Plan:

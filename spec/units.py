@@ -128,3 +128,53 @@ def chunk_units(m, tp: int, sp: bool, zero: int, bucket_MB: float, grad_bytes: i
         if cur:
             groups.append(cur)
     return [Unit(-(-sum(q.numel for q in g) // n_dp) * n_dp, tuple(g)) for g in groups if g]
+
+
+# ---- which chunks and units one rank of a stage holds ---------------------------------------------------------
+def split_layers(layers: int, chunks: int) -> list[range]:
+    """Contiguous layer ranges for each virtual stage. Even when it divides; otherwise the first and last virtual
+    stages (which also hold the embedding and the LM head) get fewer layers, as Llama 3 405B does (126 layers on
+    16 stages, Dubey et al. 2024 §3.3.2), and the rest spread one extra layer from the middle out."""
+    if chunks > layers:
+        raise ValueError(f"cannot split {layers} layers over {chunks} virtual stages")
+    base, extra = divmod(layers, chunks)
+    counts = [base] * chunks
+    middle = list(range(1, chunks - 1)) or list(range(chunks))
+    middle.sort(key=lambda j: abs(j - (chunks - 1) / 2))
+    for j in middle[:extra]:
+        counts[j] += 1
+    for j in range(extra - len(middle)):             # only when chunks <= 2 and extra > middle
+        counts[j] += 1
+    out, start = [], 0
+    for n in counts:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def dp_group_size(spec) -> int:
+    """The group DataParallel reduces over and ZeRO shards over: dp·cp (pp_stage.Stage's dp+cp group; the
+    Trainer's own loop runs only when cp = 1, where it is dp)."""
+    return spec.plan.dp * spec.plan.cp
+
+
+def stage_chunks(spec, stage: int) -> list[tuple[range, bool, bool]]:
+    """(layers, first, last) of each model chunk of a pipeline stage, as the plan compiler splits them (chunk c of
+    stage s is virtual stage c·pp + s)."""
+    p = spec.plan
+    v = p.vpp if p.schedule == "interleaved" else 1
+    ranges = split_layers(spec.model.layers, p.pp * v)
+    return [(ranges[c * p.pp + stage], c * p.pp + stage == 0, c * p.pp + stage == p.pp * v - 1) for c in range(v)]
+
+
+def rank_chunk_units(spec, layers: range, first: bool, last: bool) -> list[Unit]:
+    """The units of one chunk's DataParallel for `spec` (its grad dtype buckets, its DP group's padding)."""
+    p, t = spec.plan, spec.training
+    return chunk_units(spec.model, p.tp, p.sp, p.zero, p.bucket_MB, 2 if t.grad_dtype == "bf16" else 4,
+                       dp_group_size(spec), layers, first, last)
+
+
+def stage_units(spec, stage: int) -> list[list[Unit]]:
+    """The units one rank of `stage` holds, chunk by chunk: what the plan's DP ops carry, the memory model counts,
+    verify predicts and a checkpoint stores (executor/reshard.py)."""
+    return [rank_chunk_units(spec, *c) for c in stage_chunks(spec, stage)]
