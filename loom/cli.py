@@ -138,12 +138,11 @@ def _refuse_if_it_does_not_fit(spec: Spec) -> int | None:
     """On GPUs, a plan the memory model says does not fit is refused before any process starts (the same error
     block as `loom simulate`); `--ignore-memory-model` starts it anyway. CPU ranks have no HBM limit to check.
     The check counts what Loom's executor keeps (its kernels and, on one GPU without TP, its fused loss:
-    verify_predict.executor_assumptions), not `loom simulate`'s default stack, so a plan the executor fits runs."""
+    `loom simulate --stack loom`), not simulate's default stack, so a plan the executor fits runs."""
     if spec.parallel == "auto" or spec.gpu.device != "cuda":
         return None
     from loom.report import fit_report, format_fit_advice
-    from loom.verify_predict import executor_assumptions
-    report = fit_report(spec, executor_assumptions(spec, "cuda"))
+    report = fit_report(spec, stack="loom")
     if report is None:
         return None
     print(f"loom run: not started.\n{format_fit_advice(report)}\n"

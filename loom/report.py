@@ -17,9 +17,6 @@ def _time_report(spec: Spec, price_per_gpu_hour: float | None, profile=None):
     return simulate_time(spec, profile=profile)
 
 
-STACKS = ("default", "loom")
-
-
 def stack_assumptions(spec: Spec, stack: str):
     """The memory model's assumptions for `stack`: "default", the production stack the memory model describes
     (eager SwiGLU, an unfused fp32 loss: torchtitan-like; simulator/activations.py DEFAULT), or "loom", what
@@ -28,7 +25,8 @@ def stack_assumptions(spec: Spec, stack: str):
     if stack == "loom":
         from loom.verify_predict import executor_assumptions
         return executor_assumptions(spec, spec.gpu.device)
-    return None
+    from loom.simulator.activations import DEFAULT
+    return DEFAULT
 
 
 def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_path: str | None = None,
@@ -38,7 +36,7 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
     `stack`: whose kernels the memory rows count (`stack_assumptions`)."""
     from loom.simulator.memory import memory_report
     assumptions = stack_assumptions(spec, stack)
-    mem = memory_report(spec) if assumptions is None else memory_report(spec, assumptions)
+    mem = memory_report(spec, assumptions)
     out: dict[str, Any] = {
         "model": spec.model.name,
         "params": spec.model.param_count(),
@@ -69,19 +67,20 @@ def simulate_report(spec: Spec, price_per_gpu_hour: float | None = None, trace_p
     return out
 
 
-def _fit_advice(spec: Spec, assumptions=None) -> dict[str, Any]:
+def _fit_advice(spec: Spec, assumptions) -> dict[str, Any]:
     from dataclasses import asdict
     from loom.simulator.fit_advice import advise
-    a = advise(spec) if assumptions is None else advise(spec, assumptions)
+    a = advise(spec, assumptions)
     return {"states_floor_bytes": a.states_floor_bytes, "any_plan_can_fit": a.any_plan_can_fit,
             "alternatives": [asdict(x) for x in a.alternatives]}
 
 
-def fit_report(spec: Spec, assumptions=None) -> dict[str, Any] | None:
-    """The parts of simulate's report that format_fit_advice reads, or None when the plan fits. `assumptions`
-    (simulator/activations.py ActivationAssumptions): what the kernels that will run keep; None: the default."""
+def fit_report(spec: Spec, stack: str = "default") -> dict[str, Any] | None:
+    """The parts of simulate's report that format_fit_advice reads, or None when the plan fits under `stack`'s
+    assumptions (`stack_assumptions`)."""
     from loom.simulator.memory import memory_report
-    mem = memory_report(spec) if assumptions is None else memory_report(spec, assumptions)
+    assumptions = stack_assumptions(spec, stack)
+    mem = memory_report(spec, assumptions)
     if mem.fits:
         return None
     return {"params": spec.model.param_count(), "gpus": spec.world_size, "memory": mem.to_dict(),

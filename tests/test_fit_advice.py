@@ -134,12 +134,11 @@ def test_run_checks_the_executors_memory_not_simulates_default_stack(tmp_path, c
     `loom run` passes the memory check and stops only at this machine's missing CUDA (exit 2)."""
     from loom.report import fit_report
     from loom.spec import load_spec
-    from loom.verify_predict import executor_assumptions
     text = (Path(__file__).resolve().parents[1] / "examples" / "llama-1.5b-h200.toml").read_text()
     path = tmp_path / "a100.toml"
     path.write_text(text.replace('gpu = "H200"', 'gpu = "A100-40GB"').replace('recompute = "none"', 'recompute = "op"'))
     spec = load_spec(path)
-    assert fit_report(spec) is not None and fit_report(spec, executor_assumptions(spec, "cuda")) is None
+    assert fit_report(spec) is not None and fit_report(spec, stack="loom") is None
     assert main(["simulate", str(path)]) == 3
     capsys.readouterr()
     rc = main(["run", str(path)])
